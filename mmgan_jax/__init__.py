@@ -1,0 +1,1 @@
+"""mmgan_jax: robust multi-modal GAN with feature alignment and diffusion refinement."""

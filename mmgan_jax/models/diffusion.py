@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -238,6 +239,8 @@ class Denoiser(nn.Module):
     num_groups: GroupNorm groups (reduced to a divisor of each width).
     dropout_rate: dropout inside ResBlocks (rng stream 'dropout' when deterministic=False).
     zero_init_output: zero-initialise the output conv, so the untrained model predicts 0 (ADM/LDM).
+    patch_size: p > 1 runs the U-Net on non-overlapping p x p patches (space-to-depth in, depth-to-space out,
+      as DiT's patchify): p^2 times fewer positions for the same widths. 1 = per pixel.
   """
 
   cond_dim: int
@@ -248,6 +251,7 @@ class Denoiser(nn.Module):
   num_groups: int = 32
   dropout_rate: float = 0.0
   zero_init_output: bool = True
+  patch_size: int = 1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -262,6 +266,11 @@ class Denoiser(nn.Module):
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, height, width, c_in = x_t.shape
+    p = self.patch_size
+    if height % p or width % p:
+      raise ValueError(f'Denoiser input {height}x{width} not divisible by patch_size={p}.')
+    x_in = einops.rearrange(x_t, 'b (h p) (w q) c -> b h w (p q c)', p=p, q=p)
+    height, width = height // p, width // p
     levels = len(self.channels)
     f = 2 ** (levels - 1)
     if height % f or width % f:
@@ -305,7 +314,7 @@ class Denoiser(nn.Module):
 
     res = lambda ch, name: ResBlock(ch, self.num_groups, self.dropout_rate, name=name, **kw)
 
-    h = conv(self.channels[0], 3, name='conv_in', **kw)(x_t.astype(self.dtype))
+    h = conv(self.channels[0], 3, name='conv_in', **kw)(x_in.astype(self.dtype))
     skips = []
     for level, ch in enumerate(self.channels):
       for i in range(self.num_res_blocks):
@@ -329,5 +338,6 @@ class Denoiser(nn.Module):
 
     h = nn.silu(group_norm(self.channels[0], self.num_groups, name='norm_out', **kw)(h))
     out_init = nn.initializers.zeros if self.zero_init_output else nn.initializers.lecun_normal()
-    out = conv(c_in, 3, name='conv_out', kernel_init=out_init, **kw)(h)
+    out = conv(c_in * p * p, 3, name='conv_out', kernel_init=out_init, **kw)(h)
+    out = einops.rearrange(out, 'b h w (p q c) -> b (h p) (w q) c', p=p, q=p)
     return out.astype(x_t.dtype)

@@ -1,0 +1,140 @@
+"""Shared defaults for every mmgan_jax config, and the `file.py:arg` parser.
+
+Every config file does `config = common.get_config()` and then changes what differs. Every loss weight and
+component has a switch here (DESIGN.md "losses" and "adaptive" rows), so an ablation is a command-line override:
+
+  refinement off            --config.model.refiner.enabled=False   (or --config.refine.num_steps=0)
+  cross-attention off       --config.model.fusion.cross_attention=False --config.model.generator.cross_attention_max_res=0
+  plain D (not noise-aware) --config.model.discriminator.noise_aware=False
+  unconditional D           --config.model.discriminator.projection=False --config.loss.mismatch=0
+  contrastive off           --config.loss.align=0 --config.loss.sem=0
+  adaptive weighting off    --config.loss.adaptive=False --config.diffusion_gan.adaptive=False
+  a modality off            --config.model.modalities="('image','text')"      (image is required)
+"""
+
+from __future__ import annotations
+
+import ast
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults):
+  """Parses 'key=value,key2=value2' (or a bare flag 'smoke') into a ConfigDict of typed values.
+
+  Types come from `defaults`; unknown keys raise, so a typo in a variant string fails loudly (big_vision style).
+  A bare word sets that boolean default to True.
+  """
+  out = ml_collections.ConfigDict(dict(defaults))
+  if not arg:
+    return out
+  for item in arg.split(','):
+    if not item:
+      continue
+    key, sep, value = item.partition('=')
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f'unknown config argument {key!r}; known: {sorted(defaults)}.')
+    kind = type(defaults[key])
+    if not sep:
+      if kind is not bool:
+        raise ValueError(f'config argument {key!r} needs a value ({kind.__name__}).')
+      out[key] = True
+    elif kind is bool:
+      if value.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'config argument {key!r} must be true/false, got {value!r}.')
+      out[key] = value.lower() in ('true', '1')
+    elif kind in (tuple, list):
+      out[key] = kind(ast.literal_eval(value))
+    else:
+      out[key] = kind(value)
+  return out
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+
+  # Data. `name` picks the pipeline in mmgan_jax/data/registry.py.
+  c.data = ml_collections.ConfigDict(dict(
+      name='shapes', image_size=32, noisy=False, audio_seconds=1.0, sample_rate=16_000,
+      num_train=50_000, num_eval=256, max_text_len=16, global_batch=32, num_threads=1, seed=0,
+      data_dir='',  # real datasets: the TFDS / array_record directory
+  ))
+
+  # Model. Widths are the CPU demo's; coco.py / vggsound.py scale them up.
+  m = ml_collections.ConfigDict()
+  m.modalities = ('text', 'image', 'audio')
+  m.dtype = 'float32'
+  m.width = 64  # shared token width D
+  m.embed_dim = 64  # shared-latent vector size E
+  m.text_encoder = dict(width=64, depth=2, num_heads=4)
+  m.image_encoder = dict(patch_size=4, width=64, depth=2, num_heads=4)
+  m.audio_encoder = dict(width=64, depth=2, num_heads=4, n_mels=64, downsample=4)
+  m.fusion = dict(self_depth=1, cross_depth=1, num_heads=4, cross_attention=True)
+  m.generator = dict(z_dim=64, w_dim=128, mapping_layers=4, mapping_lr_mul=0.01, channels=(128, 64, 32, 16),
+                     cross_attention_max_res=16, num_heads=4, architecture='skip', noise_injection=True)
+  m.refiner = dict(enabled=True, channels=(32, 64), num_res_blocks=1, attention=True, num_heads=4,
+                   num_groups=8, num_timesteps=1000, prediction='eps', cond_dropout=0.1, patch_size=2)
+  m.discriminator = dict(channels=(16, 32, 64, 128), noise_aware=True, projection=True, mbstd_group_size=4,
+                         num_timesteps=1000)
+  m.text_decoder = dict(width=64, depth=2, num_heads=4)
+  m.codec = dict(type='identity', channels=(64, 128), latent_channels=4, num_res_blocks=1, num_groups=16,
+                 checkpoint='')  # kl: path of a stage-1 codec checkpoint (launch/train_codec.py)
+  c.model = m
+  # Stage 1 for codec.type='kl' (launch/train_codec.py).
+  c.codec_stage = dict(steps=2000, lr=2e-4, kl_weight=1e-6)
+
+  # Which modalities each training example keeps (any subset is valid; at least one condition is kept).
+  c.modality_dropout = 0.3
+
+  # SDEdit refinement used while training G and when sampling.
+  c.refine = dict(t_start=200, num_steps=2, guidance=1.0)
+
+  # Losses (0 switches a term off).
+  c.loss = ml_collections.ConfigDict(dict(
+      adv=1.0,  # adversarial (non-saturating logistic); scaled by the adaptive weight when adaptive=True
+      adaptive=True,  # VQGAN-style lambda_adv = |grad sem| / |grad adv| at G's last layer
+      adaptive_max=1e4,
+      sem=1.0,  # XMC-GAN semantic consistency: InfoNCE(image-encoder(G out), condition)
+      div=0.1,  # MSGAN mode seeking
+      align=1.0,  # CLIP InfoNCE between modalities
+      caption=1.0,  # captioning cross-entropy
+      label_smoothing=0.1,
+      denoise=1.0,  # refiner denoising loss on real latents
+      mismatch=1.0,  # matching-aware pairs in D
+      r1_gamma=0.1,
+      r1_interval=16,
+  ))
+
+  # Diffusion-GAN instance noise for the discriminator, with adaptive T_max.
+  c.diffusion_gan = dict(enabled=True, adaptive=True, t_max_init=0.0, t_lo=0.0, t_hi=500.0, target=0.6,
+                         step_size=2.0, sigma=0.5)
+
+  # Optimisers: G (Adam, beta1=0 as in StyleGAN2), D (same), the representation side (encoders, fusion,
+  # decoder, refiner: AdamW). `frozen` lists top-level params (e.g. 'text_encoder') to keep fixed.
+  c.optim = ml_collections.ConfigDict(dict(
+      g_lr=2e-3, d_lr=2e-3, gan_b1=0.0, gan_b2=0.99,
+      rep_lr=5e-4, rep_b1=0.9, rep_b2=0.99, rep_weight_decay=1e-4, warmup_steps=100,
+      grad_clip=0.0, frozen=(),
+  ))
+  c.ema = dict(half_life_images=5_000, rampup=0.05)
+  c.max_nonfinite_steps = 5  # consecutive skipped (NaN/Inf) steps before training stops with an error
+
+  # Mesh and partitioning: logical axis -> mesh axis; -1 fills the remaining devices.
+  c.mesh = dict(shape=(-1, 1, 1), axes=('data', 'fsdp', 'tensor'))
+  c.partition_rules = (
+      ('batch', ('data', 'fsdp')),
+      ('embed', 'fsdp'), ('mlp', 'tensor'), ('heads', 'tensor'), ('kv', None), ('vocab', 'tensor'),
+      ('conv_in', 'fsdp'), ('conv_out', 'tensor'),
+  )
+
+  # Logging, checkpoints, evaluation.
+  c.log_every = 50
+  c.sample_every = 500
+  c.checkpoint_every = 500
+  c.max_checkpoints = 3
+  c.eval_every = 0  # 0: only at the end
+  c.eval = dict(num_examples=256, batch_size=64, beam_size=1, sample_grid=16, metrics=('bleu',))
+  return c

@@ -1,0 +1,135 @@
+"""Device mesh and parameter/batch shardings from the config's logical-axis rules.
+
+Models name their parameter axes logically ('embed', 'mlp', 'heads', 'kv', 'vocab', 'conv_in', 'conv_out');
+`config.partition_rules` maps those names to mesh axes ('data', 'fsdp', 'tensor'). A dimension that does not
+divide evenly over its mesh axes is replicated instead (so tiny test models and odd widths always shard).
+Optimizer-state leaves take the sharding of the parameter they mirror (matched by key-path suffix and shape).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+Tree = Any
+
+
+def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
+  """A mesh of `shape` over all (or the given) devices; one -1 entry takes the remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = list(shape)
+  if len(shape) != len(axes):
+    raise ValueError(f'mesh shape {shape} and axes {axes} differ in length.')
+  if shape.count(-1) > 1:
+    raise ValueError(f'mesh shape {shape} may contain at most one -1.')
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f'{len(devices)} devices cannot fill mesh shape {shape}.')
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(f'mesh shape {shape} needs {math.prod(shape)} devices, found {len(devices)}.')
+  return jax.make_mesh(tuple(shape), tuple(axes), axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+
+
+def _rules_dict(rules) -> dict[str, Any]:
+  out = {}
+  for name, axis in rules:
+    out[name] = tuple(axis) if isinstance(axis, (list, tuple)) else axis
+  return out
+
+
+def _mesh_axes_size(mesh: Mesh, axis) -> int:
+  if axis is None:
+    return 1
+  axes = axis if isinstance(axis, tuple) else (axis,)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def spec_for(shape: Sequence[int], logical: Sequence[str | None] | None, mesh: Mesh, rules) -> P:
+  """PartitionSpec for one array: logical names -> mesh axes, replicating non-divisible or reused axes."""
+  if logical is None:
+    return P()
+  rules = _rules_dict(rules)
+  used: set[str] = set()
+  out = []
+  for dim, name in zip(shape, logical):
+    axis = rules.get(name) if name is not None else None
+    flat = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+    if axis is None or dim % _mesh_axes_size(mesh, axis) or used & set(flat) or _mesh_axes_size(mesh, axis) == 1:
+      out.append(None)
+    else:
+      out.append(axis)
+      used |= set(flat)
+  return P(*out)
+
+
+def logical_names(boxed_tree: Tree) -> Tree:
+  """Tree of logical axis-name tuples (None for unannotated leaves), same structure as the unboxed tree."""
+  return jax.tree.map(lambda x: tuple(x.names) if isinstance(x, nn.Partitioned) else None, boxed_tree,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def param_shardings(abstract_boxed: Tree, mesh: Mesh, rules) -> Tree:
+  """NamedShardings for a boxed (nn.Partitioned) abstract param tree; the result matches the unboxed tree."""
+
+  def one(x):
+    if isinstance(x, nn.Partitioned):
+      return NamedSharding(mesh, spec_for(x.value.shape, x.names, mesh, rules))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _path_key(path) -> tuple[str, ...]:
+  out = []
+  for k in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        out.append(str(getattr(k, attr)))
+        break
+  return tuple(out)
+
+
+def mirror_shardings(abstract_tree: Tree, params_abstract: Tree, params_shardings: Tree, mesh: Mesh) -> Tree:
+  """Shardings for a tree (e.g. optimizer state) whose leaves mirror params: longest key-path suffix match."""
+  table = {}
+  for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(params_abstract)[0],
+                              jax.tree_util.tree_leaves(params_shardings)):
+    table[_path_key(path)] = (tuple(leaf.shape), sh)
+  replicated = NamedSharding(mesh, P())
+
+  def one(path, leaf):
+    key = _path_key(path)
+    shape = tuple(getattr(leaf, 'shape', ()))
+    for i in range(len(key)):
+      hit = table.get(key[i:])
+      if hit is not None and hit[0] == shape:
+        return hit[1]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, abstract_tree)
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
+  axis = _rules_dict(rules).get('batch', ('data', 'fsdp'))
+  return NamedSharding(mesh, P(axis, *([None] * (ndim - 1))))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
+  """Per-process numpy batch -> global jax.Arrays sharded over the batch mesh axes."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, np.ndim(v)), np.asarray(v))
+          for k, v in local.items()}
+
+
+def check_batch_divisible(global_batch_size: int, mesh: Mesh, rules) -> None:
+  n = _mesh_axes_size(mesh, _rules_dict(rules).get('batch', ('data', 'fsdp')))
+  if global_batch_size % n:
+    raise ValueError(f'config.data.global_batch={global_batch_size} must be divisible by the {n} devices of '
+                     'the batch mesh axes.')

@@ -1,0 +1,124 @@
+"""The one train-state pytree, its optimisers, and its sharded birth.
+
+  TrainState
+    step        int32 scalar: completed training iterations (one D step + one G step each)
+    rng         uint32[2] key; every step folds in `step`, so a resumed run draws the same numbers
+    params      {component: params} for every trainable component (see models/mmgan.py)
+    ema         {'generator', 'refiner'}: exponential moving averages used for evaluation and sampling
+    opt_g       optax state of the generator-side optimiser (G + encoders + fusion + decoder + refiner)
+    opt_d       optax state of the discriminator's optimiser
+    adaptive    float32 scalars: t_max (Diffusion-GAN), lambda_adv (VQGAN), r_d, images_seen, nonfinite
+    codec       {'params', 'scale'}: the frozen latent codec and its latent scale (LDM)
+
+Optimisers (optax): G and D use Adam(beta1=0, beta2=0.99) as StyleGAN2; the representation side (encoders,
+fusion, text decoder, refiner) uses AdamW with warm-up. Components named in `config.optim.frozen` get no
+updates (transfer learning: frozen pretrained encoders), through `optax.multi_transform` labels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from mmgan_jax.models import mmgan
+from mmgan_jax.train import sharding
+
+Tree = Any
+
+TRAINABLE = ('text_encoder', 'image_encoder', 'audio_encoder', 'fusion', 'generator', 'refiner',
+             'discriminator', 'text_decoder')
+EMA_COMPONENTS = ('generator', 'refiner')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  rng: jax.Array
+  params: dict[str, Tree]
+  ema: dict[str, Tree]
+  opt_g: Tree
+  opt_d: Tree
+  adaptive: dict[str, jax.Array]
+  codec: dict[str, Tree]
+
+
+def g_side(params: dict[str, Tree]) -> dict[str, Tree]:
+  """The components the generator-side optimiser updates (everything but the discriminator)."""
+  return {k: v for k, v in params.items() if k != 'discriminator'}
+
+
+def _label(name: str, frozen) -> str:
+  if name in frozen:
+    return 'frozen'
+  return 'gan' if name == 'generator' else 'rep'
+
+
+def make_optimizers(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+  """(tx_g, tx_d) from `config.optim`."""
+  o = cfg
+  unknown = set(o.frozen) - set(TRAINABLE)
+  if unknown:
+    raise ValueError(f'config.optim.frozen has unknown components {sorted(unknown)}; choose from {TRAINABLE}.')
+  if 'discriminator' in o.frozen or 'generator' in o.frozen:
+    raise ValueError('config.optim.frozen cannot freeze the generator or the discriminator.')
+  warmup = max(1, min(o.warmup_steps, total_steps))
+  rep_lr = optax.warmup_cosine_decay_schedule(0.0, o.rep_lr, warmup, max(total_steps, warmup + 1),
+                                              end_value=0.1 * o.rep_lr)
+  clip = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+  gan = optax.chain(*clip, optax.adam(o.g_lr, b1=o.gan_b1, b2=o.gan_b2, eps=1e-8))
+  rep = optax.chain(*clip, optax.adamw(rep_lr, b1=o.rep_b1, b2=o.rep_b2, weight_decay=o.rep_weight_decay))
+  frozen = tuple(o.frozen)
+  tx_g = optax.multi_transform(
+      {'gan': gan, 'rep': rep, 'frozen': optax.set_to_zero()},
+      lambda params: {k: jax.tree.map(lambda _: _label(k, frozen), v) for k, v in params.items()})
+  tx_d = optax.chain(*clip, optax.adam(o.d_lr, b1=o.gan_b1, b2=o.gan_b2, eps=1e-8))
+  return tx_g, tx_d
+
+
+def init_state(model: mmgan.Model, config, key: jax.Array, batch: dict[str, jax.Array],
+               tx_g: optax.GradientTransformation, tx_d: optax.GradientTransformation,
+               codec_params: Tree | None = None, latent_scale: float = 1.0) -> TrainState:
+  """A fresh TrainState with plain (unboxed) arrays. `state_shardings` gives where each leaf lives."""
+  k_params, k_rng = jax.random.split(key)
+  params = nn.unbox(mmgan.init_params(model, k_params, batch))
+  codec = params.pop('codec')
+  if codec_params is not None:
+    codec = codec_params
+  ema = {k: params[k] for k in EMA_COMPONENTS if k in params}
+  adaptive = dict(
+      t_max=jnp.asarray(config.diffusion_gan.t_max_init, jnp.float32),
+      lambda_adv=jnp.ones((), jnp.float32),
+      r_d=jnp.zeros((), jnp.float32),
+      images_seen=jnp.zeros((), jnp.float32),
+      nonfinite=jnp.zeros((), jnp.float32),
+  )
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), rng=k_rng, params=params,
+      ema=jax.tree.map(jnp.copy, ema),
+      opt_g=tx_g.init(g_side(params)), opt_d=tx_d.init(params['discriminator']),
+      adaptive=adaptive, codec={'params': codec, 'scale': jnp.asarray(latent_scale, jnp.float32)})
+
+
+def state_shardings(model: mmgan.Model, abstract_state: TrainState, key: jax.Array, batch, mesh, rules
+                    ) -> TrainState:
+  """NamedShardings for every leaf of the state: params from logical rules, mirrors for EMA/optimiser."""
+  boxed = jax.eval_shape(lambda k: mmgan.init_params(model, k, batch), key)
+  boxed_codec = boxed.pop('codec')
+  params_sh = sharding.param_shardings(boxed, mesh, rules)
+  codec_sh = sharding.param_shardings(boxed_codec, mesh, rules)
+  params_abs = abstract_state.params
+  mirror = lambda tree, p, sh: sharding.mirror_shardings(tree, p, sh, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return TrainState(
+      step=replicated, rng=replicated, params=params_sh,
+      ema={k: params_sh[k] for k in abstract_state.ema},
+      opt_g=mirror(abstract_state.opt_g, params_abs, params_sh),
+      opt_d=mirror(abstract_state.opt_d, params_abs['discriminator'], params_sh['discriminator']),
+      adaptive=jax.tree.map(lambda _: replicated, abstract_state.adaptive),
+      codec={'params': codec_sh if jax.tree.leaves(abstract_state.codec['params']) else {},
+             'scale': replicated})

@@ -1,0 +1,321 @@
+"""The training steps: pure functions of (state, batch) -> (state, metrics), jitted by the trainer.
+
+One training iteration is `d_step` (or `d_step_r1` every `r1_interval` iterations: the same step plus the lazy
+R1 penalty) followed by `g_step`. The host chooses which compiled function to call; nothing inside branches on
+the step number. Both draw their randomness from `fold_in(state.rng, state.step)`.
+
+D step (Diffusion-GAN + projection D + matching-aware pairs, StyleGAN2 losses):
+  conditions from the encoders (no gradient), fakes x~ = R(G(z, c)) (no gradient),
+  y = diffuse(x, t), t ~ priority(T_max) for reals and fakes,
+  L_D = softplus(-D(y_real, c)) + softplus(D(y_fake, c)) + w_mm softplus(D(y_real, c_shuffled)) [+ R1],
+  then T_max moves toward r_d = E[sign D(y_real)] = target.
+
+G step, two gradient paths:
+  representation: L_rep = w_align InfoNCE(s_a, s_b) over modality pairs + w_cap CE(captions)
+                          + w_den |eps - eps_theta(x_t, t, c)|^2 on real latents (condition dropout for CFG);
+                  updates encoders, fusion, text decoder, refiner.
+  generator:      x = G(z, c, T) for two z per condition (B/2 conditions); x~ = R(x) (K differentiable DDIM steps, R frozen here),
+                  L_adv = softplus(-D(diffuse(x~, t), c)),
+                  L_sem = InfoNCE(image-encoder(x~), c)   (XMC-GAN; encoder frozen here),
+                  L_div = MSGAN 1 / (|x_1 - x_2| / |z_1 - z_2|),
+                  grad = lambda * w_adv grad L_adv + grad(w_sem L_sem + w_div L_div),
+                  lambda = |grad_last(semantic)| / |grad_last(adv)|  (VQGAN adaptive weight, last G layer).
+  Both cotangents are pulled back through R and G with one vjp each, so the split costs no extra forward pass.
+  EMA of G and R is updated in the step.
+
+Non-finite losses or gradients: the update is skipped (the state is kept), `adaptive['nonfinite']` counts
+consecutive skips and the metrics report it; the trainer stops with an error after `max_nonfinite_steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mmgan_jax.models import diffusion, mmgan, text_decoder
+from mmgan_jax.models.generator import last_layer_params, with_last_layer
+from mmgan_jax.train import losses
+from mmgan_jax.train.state import TrainState, g_side
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+# Stream ids folded into the step key, so the D and G steps and every use inside them draw independent numbers.
+_D_STREAM, _G_STREAM = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  d_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+  d_step_r1: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+  g_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+  # The raw gradients (for tests and debugging): D's with R1, and every G-side component's.
+  d_grads: Callable[[TrainState, Batch], Any]
+  g_grads: Callable[[TrainState, Batch], Any]
+
+
+def sample_presence(model: mmgan.Model, key: jax.Array, batch_size: int, p_drop: float
+                    ) -> dict[str, dict[str, jax.Array]]:
+  """Per task and example, which sources are kept: with probability p_drop one of two sources is dropped."""
+  out = {}
+  for i, (task, srcs) in enumerate(model.tasks.items()):
+    keep = {m: jnp.ones((batch_size,), bool) for m in srcs}
+    if len(srcs) == 2 and p_drop > 0:
+      k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+      drop = jax.random.bernoulli(k1, p_drop, (batch_size,))
+      which = jax.random.bernoulli(k2, 0.5, (batch_size,))
+      keep[srcs[0]] = ~(drop & which)
+      keep[srcs[1]] = ~(drop & ~which)
+    out[task] = keep
+  return out
+
+
+def _select(ok: jax.Array, new, old):
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def _guard(ok: jax.Array, new: TrainState, old: TrainState) -> TrainState:
+  """Keeps the old state (but counts the skip) unless every loss and gradient was finite."""
+  kept = _select(ok, new, old)
+  nonfinite = jnp.where(ok, 0.0, old.adaptive['nonfinite'] + 1.0)
+  return kept.replace(step=new.step, adaptive={**kept.adaptive, 'nonfinite': nonfinite})
+
+
+def _tile2(tree):
+  return jax.tree.map(lambda x: jnp.concatenate([x, x], axis=0), tree)
+
+
+def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
+               tx_d: optax.GradientTransformation) -> Steps:
+  """Builds the step functions for a model and config (static; closed over, not traced)."""
+  lc = config.loss
+  dg = config.diffusion_gan
+  noise_aware = bool(config.model.discriminator.noise_aware)
+  ab_disc = jnp.asarray(model.alpha_bar_disc)
+  ab_ref = jnp.asarray(model.alpha_bar_refiner)
+  num_ref_t = len(model.alpha_bar_refiner) - 1
+  refiner_on = model.refiner is not None
+  prediction = config.model.refiner.prediction
+  t_start = int(config.refine.t_start)
+  num_ref_steps = int(config.refine.num_steps) if refiner_on else 0
+  z_dim = model.generator.z_dim
+  semantic_on = lc.sem > 0 or lc.div > 0
+  adaptive_on = bool(lc.adaptive) and semantic_on and lc.adv > 0
+  pairs = list(itertools.combinations(model.modalities, 2))
+  captions_on = model.text_decoder is not None and lc.caption > 0
+  pad_id = 0
+
+  def keys(state: TrainState, stream: int, n: int):
+    k = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), stream)
+    return jax.random.split(k, n)
+
+  def sample_t(key, b, t_max):
+    if not noise_aware:
+      return jnp.zeros((b,), jnp.int32)
+    return losses.sample_priority_t(key, (b,), jnp.round(t_max).astype(jnp.int32))
+
+  def diffuse(key, x, t):
+    if not noise_aware:
+      return x
+    return losses.diffuse(x, t, ab_disc, key, sigma=dg.sigma)
+
+  def conditions(state, batch, present):
+    enc = mmgan.encode(model, state.params, batch, present)
+    return jax.lax.stop_gradient(enc['generate'])
+
+  def fakes(state, cond, k_z, k_noise, k_ref):
+    b = cond['cond'].shape[0]
+    z = jax.random.normal(k_z, (b, z_dim), jnp.float32)
+    x = mmgan.generate(model, state.params['generator'], z, cond, noise_key=k_noise)
+    return mmgan.refine(model, state.params.get('refiner'), x, cond, k_ref, t_start=t_start,
+                        num_steps=num_ref_steps, prediction=prediction)
+
+  # --------------------------------------------------------------------------------------------------------
+  # Discriminator.
+
+  def d_compute(state: TrainState, batch: Batch, with_r1: bool):
+    """D loss gradients (w.r.t. the discriminator params) and the loss terms."""
+    ks = keys(state, _D_STREAM, 8)
+    b = batch['image'].shape[0]
+    present = sample_presence(model, ks[0], b, config.modality_dropout)
+    cond = conditions(state, batch, present)
+    x_real = mmgan.to_latent(model, state.codec['params'], state.codec['scale'], batch['image'])
+    x_fake = jax.lax.stop_gradient(fakes(state, cond, ks[1], ks[2], ks[3]))
+    t_max = state.adaptive['t_max']
+    t_real, t_fake = sample_t(ks[4], b, t_max), sample_t(ks[5], b, t_max)
+    y_real, y_fake = diffuse(ks[6], x_real, t_real), diffuse(ks[7], x_fake, t_fake)
+    c = cond['cond']
+    c_mismatch = jnp.roll(c, 1, axis=0)
+
+    def loss_fn(dp):
+      d = lambda y, t, s: mmgan.discriminate(model, dp, y, t, s)
+      real = d(y_real, t_real, c)
+      fake = d(y_fake, t_fake, c)
+      mismatch = d(y_real, t_real, c_mismatch) if lc.mismatch > 0 else None
+      loss, aux = losses.d_logistic_loss(real, fake, mismatch, mismatch_weight=lc.mismatch)
+      if with_r1:
+        penalty, _ = losses.r1_penalty(lambda y: d(y, t_real, c), y_real)
+        loss = loss + 0.5 * lc.r1_gamma * lc.r1_interval * penalty
+        aux['r1'] = penalty
+      return loss, aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params['discriminator'])
+    return grads, loss, aux
+
+  def d_step_impl(state: TrainState, batch: Batch, with_r1: bool):
+    grads, loss, aux = d_compute(state, batch, with_r1)
+    t_max = state.adaptive['t_max']
+    updates, opt_d = tx_d.update(grads, state.opt_d, state.params['discriminator'])
+    params = dict(state.params, discriminator=optax.apply_updates(state.params['discriminator'], updates))
+    r_d = aux['r_sign']
+    t_new = t_max
+    if noise_aware and dg.adaptive:
+      t_new = losses.update_t_max(t_max, r_d, target=dg.target, step=dg.step_size, t_lo=dg.t_lo, t_hi=dg.t_hi)
+    new = state.replace(step=state.step, params=params, opt_d=opt_d,
+                        adaptive={**state.adaptive, 't_max': t_new, 'r_d': r_d})
+    grad_norm = optax.global_norm(grads)
+    ok = losses.all_finite((loss, grad_norm))
+    new = _guard(ok, new, state)
+    metrics = {f'd/{k}': v for k, v in aux.items()}
+    metrics.update({'d/loss': loss, 'd/grad_norm': grad_norm, 'diffusion_gan/t_max': new.adaptive['t_max'],
+                    'guard/d_finite': ok.astype(jnp.float32)})
+    return new, metrics
+
+  # --------------------------------------------------------------------------------------------------------
+  # Generator side.
+
+  def rep_loss_fn(rep_params, state, batch, present, ks):
+    enc = mmgan.encode(model, rep_params, batch, present)
+    scale = enc['logit_scale']
+    terms = {}
+    total = 0.0
+    if lc.align > 0 and pairs:
+      vals = []
+      for a, bm in pairs:
+        l, aux = losses.info_nce(enc['embed'][a], enc['embed'][bm], scale)
+        terms[f'align/{a}_{bm}_acc'] = aux['accuracy']
+        vals.append(l)
+      terms['align/loss'] = sum(vals) / len(vals)
+      total = total + lc.align * terms['align/loss']
+    if captions_on:
+      ids, targets, mask = text_decoder.shift_for_teacher_forcing(batch['text_ids'], pad_id)
+      logits = mmgan.caption_logits(model, rep_params['text_decoder'], ids, enc['caption'])
+      terms['caption/loss'] = text_decoder.caption_loss(logits, targets, mask, lc.label_smoothing)
+      total = total + lc.caption * terms['caption/loss']
+    if refiner_on and lc.denoise > 0:
+      cond = enc['generate']
+      x0 = mmgan.to_latent(model, state.codec['params'], state.codec['scale'], batch['image'])
+      b = x0.shape[0]
+      t = jax.random.randint(ks[0], (b,), 1, num_ref_t + 1)
+      eps = jax.random.normal(ks[1], x0.shape, jnp.float32)
+      x_t = diffusion.q_sample(ab_ref, x0, t, eps)
+      keep = jax.random.uniform(ks[2], (b,)) >= config.model.refiner.cond_dropout
+      out = model.refiner.apply({'params': rep_params['refiner']}, x_t, t, cond['cond'], keep, cond['tokens'],
+                                cond['mask'])
+      target = diffusion.denoising_target(x0, eps, t, ab_ref, prediction)
+      terms['refiner/denoise_loss'] = diffusion.denoising_loss(out, target)
+      total = total + lc.denoise * terms['refiner/denoise_loss']
+    terms['align/logit_scale'] = scale
+    return total, (terms, jax.lax.stop_gradient(enc['generate']))
+
+  def g_compute(state: TrainState, batch: Batch):
+    """Gradients for every G-side component, the adaptive weight, and the loss terms."""
+    ks = keys(state, _G_STREAM, 12)
+    b = batch['image'].shape[0]
+    present = sample_presence(model, ks[0], b, config.modality_dropout)
+    rep_params = {k: v for k, v in g_side(state.params).items() if k != 'generator'}
+    (rep_loss, (terms, cond)), rep_grads = jax.value_and_grad(rep_loss_fn, has_aux=True)(
+        rep_params, state, batch, present, ks[1:4])
+
+    # Generator losses: the first half of the batch's conditions, two samples each (mode seeking), so G, R and
+    # D see B samples as in the D step. Conditions and the other networks are frozen here.
+    frozen = jax.lax.stop_gradient(state.params)
+    frozen_codec = jax.lax.stop_gradient(state.codec['params'])
+    b = max(1, b // 2)
+    cond = jax.tree.map(lambda v: v[:b], cond)
+    cond2 = _tile2(cond)
+    z = jax.random.normal(ks[4], (2 * b, z_dim), jnp.float32)
+    x, vjp_g = jax.vjp(lambda gp: mmgan.generate(model, gp, z, cond2, noise_key=ks[5]),
+                       state.params['generator'])
+    x_ref, vjp_r = jax.vjp(
+        lambda xx: mmgan.refine(model, frozen.get('refiner'), xx, cond2, ks[6], t_start=t_start,
+                                num_steps=num_ref_steps, prediction=prediction), x)
+    t = sample_t(ks[7], 2 * b, state.adaptive['t_max'])
+    noise_key = ks[8]
+
+    def adv_fn(xr):
+      logits = mmgan.discriminate(model, frozen['discriminator'], diffuse(noise_key, xr, t), t, cond2['cond'])
+      return losses.g_nonsaturating_loss(logits)
+
+    def sem_fn(xr):
+      if lc.sem <= 0:
+        return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+      images = mmgan.to_image(model, frozen_codec, state.codec['scale'], xr)
+      s = mmgan.image_embedding(model, frozen, images)
+      scale = frozen['fusion']['logit_scale']
+      l1, a1 = losses.info_nce(s[:b], cond['cond'], scale)
+      l2, a2 = losses.info_nce(s[b:], cond['cond'], scale)
+      return lc.sem * 0.5 * (l1 + l2), 0.5 * (a1['accuracy'] + a2['accuracy'])
+
+    def div_fn(xx):
+      if lc.div <= 0:
+        return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+      l, d = losses.mode_seeking_loss(xx[:b], xx[b:], z[:b], z[b:])
+      return lc.div * l, jnp.mean(d)
+
+    adv, ct_adv = jax.value_and_grad(adv_fn)(x_ref)
+    (sem, sem_acc), ct_sem = jax.value_and_grad(sem_fn, has_aux=True)(x_ref)
+    (div, div_d), ct_div = jax.value_and_grad(div_fn, has_aux=True)(x)
+    # Pull both cotangents back through R. The adaptive weight needs each loss's gradient at G's last layer
+    # only: a vjp w.r.t. that layer alone (its forward is the same computation as G's, which XLA shares) is
+    # cheap, so the full backward through G runs once, on the weighted sum of the cotangents.
+    (ct_x_adv,), (ct_x_sem,) = vjp_r(ct_adv), vjp_r(ct_sem)
+    ct_x_sem = ct_x_sem + ct_div
+    if adaptive_on:
+      gen_params = state.params['generator']
+
+      def g_last(last):
+        return mmgan.generate(model, with_last_layer(gen_params, last), z, cond2, noise_key=ks[5])
+
+      _, vjp_last = jax.vjp(g_last, last_layer_params(gen_params))
+      lam = losses.adaptive_weight(vjp_last(ct_x_sem)[0], vjp_last(ct_x_adv)[0], max_weight=lc.adaptive_max)
+    else:
+      lam = jnp.ones((), jnp.float32)
+    (gen_grads,) = vjp_g(lc.adv * lam * ct_x_adv + ct_x_sem)
+
+    grads = dict(rep_grads, generator=gen_grads)
+    metrics = dict(terms)
+    metrics.update({'g/adv_loss': adv, 'g/sem_loss': sem, 'g/sem_acc': sem_acc, 'g/div_loss': div,
+                    'g/div_distance': div_d, 'g/lambda_adv': lam, 'g/total': lc.adv * lam * adv + sem + div,
+                    'rep/total': rep_loss})
+    return grads, lam, metrics
+
+  def g_step(state: TrainState, batch: Batch):
+    grads, lam, metrics = g_compute(state, batch)
+    b = batch['image'].shape[0]
+    params_g = g_side(state.params)
+    updates, opt_g = tx_g.update(grads, state.opt_g, params_g)
+    new_params = dict(state.params, **optax.apply_updates(params_g, updates))
+    images_seen = state.adaptive['images_seen'] + b
+    beta = losses.ema_decay(images_seen, half_life_images=config.ema.half_life_images,
+                            rampup=config.ema.rampup, batch_size=b)
+    ema = {k: losses.ema_update(state.ema[k], new_params[k], beta) for k in state.ema}
+    new = state.replace(step=state.step + 1, params=new_params, opt_g=opt_g, ema=ema,
+                        adaptive={**state.adaptive, 'lambda_adv': lam, 'images_seen': images_seen})
+    norms = {f'grad_norm/{k}': optax.global_norm(v) for k, v in grads.items()}
+    ok = losses.all_finite((metrics['rep/total'], metrics['g/total'], list(norms.values())))
+    new = _guard(ok, new, state)
+    metrics.update(norms)
+    metrics.update({'ema/beta': beta, 'guard/g_finite': ok.astype(jnp.float32),
+                    'guard/nonfinite_streak': new.adaptive['nonfinite']})
+    return new, metrics
+
+  return Steps(d_step=lambda s, b: d_step_impl(s, b, False), d_step_r1=lambda s, b: d_step_impl(s, b, True),
+               g_step=g_step, d_grads=lambda s, b: d_compute(s, b, True)[0],
+               g_grads=lambda s, b: g_compute(s, b)[0])

@@ -1,0 +1,274 @@
+"""Train state, steps, sharding, checkpoint/resume, determinism and ablation switches on the smoke config."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import shapes as shapes_config
+from mmgan_jax.models import mmgan
+from mmgan_jax.train import checkpoint as ckpt_lib
+from mmgan_jax.train import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(**overrides):
+  c = shapes_config.get_config('smoke')
+  c.mesh.shape = (1, 1, 1)
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def one_device_setup(config, workdir=None):
+  return trainer.setup(config, workdir, devices=jax.devices()[:1])
+
+
+def run(setup, state, steps, start=0):
+  metrics, batches = [], []
+  with jax.set_mesh(setup.mesh):
+    for i in range(start, start + steps):
+      batch = trainer.next_batch(setup)
+      batches.append(np.asarray(batch['image']))
+      state, m = trainer.train_step(setup, state, batch, i)
+      metrics.append(jax.device_get(m))
+  return state, metrics, batches
+
+
+def host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+@pytest.fixture(scope='module')
+def smoke():
+  return one_device_setup(smoke_config())
+
+
+def test_state_has_every_component_and_ema(smoke):
+  params = smoke.state.params
+  expected = {'text_encoder', 'image_encoder', 'audio_encoder', 'fusion', 'generator', 'refiner',
+              'discriminator', 'text_decoder'}
+  assert set(params) == expected
+  assert set(smoke.state.ema) == {'generator', 'refiner'}
+  np.testing.assert_array_equal(jax.tree.leaves(smoke.state.ema['generator'])[0],
+                                jax.tree.leaves(params['generator'])[0])
+  for leaf in jax.tree.leaves(params):
+    assert leaf.dtype == jnp.float32
+
+
+def test_gradients_reach_every_component(smoke):
+  """Every trainable leaf gets a nonzero gradient from the losses meant to reach it."""
+  state = smoke.state
+  # The refiner's output conv starts at zero (ADM/LDM), which blocks gradients to its inner layers on the very
+  # first step only; give it small weights so the check covers every refiner leaf.
+  ref = dict(state.params['refiner'])
+  ref['conv_out'] = jax.tree.map(lambda x: x + 0.01, ref['conv_out'])
+  state = state.replace(params=dict(state.params, refiner=ref))
+  config = smoke_config(**{'model.refiner.cond_dropout': 0.5})  # the learned null condition is used too
+  s = one_device_setup(config)
+  with jax.set_mesh(s.mesh):
+    batch = trainer.next_batch(s)
+    g = host(jax.jit(s.steps.g_grads)(state, batch))
+    d = host(jax.jit(s.steps.d_grads)(state, batch))
+  grads = dict(g, discriminator=d)
+  dead = []
+  for name, tree in grads.items():
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      assert np.all(np.isfinite(leaf)), (name, path)
+      if not np.any(leaf != 0):
+        dead.append(f'{name}{jax.tree_util.keystr(path)}')
+  assert not dead, f'leaves without gradient: {dead}'
+  assert set(grads) == set(state.params)
+
+
+def test_train_steps_run_and_report(smoke):
+  state, metrics, _ = run(smoke, smoke.state, 2)
+  m = metrics[-1]
+  for key in ('d/loss', 'd/r1', 'g/adv_loss', 'g/sem_loss', 'g/div_loss', 'g/lambda_adv', 'align/loss',
+              'caption/loss', 'refiner/denoise_loss', 'diffusion_gan/t_max', 'grad_norm/generator'):
+    assert key in metrics[0] or key in m, key
+  assert all(np.isfinite(v) for v in m.values())
+  assert int(state.step) == 2
+  assert float(m['g/lambda_adv']) > 0
+  # EMA moved toward the params but is not equal to them.
+  e = jax.tree.leaves(state.ema['generator'])
+  p = jax.tree.leaves(state.params['generator'])
+  assert any(not np.array_equal(a, b) for a, b in zip(e, p))
+
+
+def test_same_seed_same_losses_different_seed_different():
+  s0 = one_device_setup(smoke_config())
+  a = run(s0, s0.state, 1)[1][0]
+  s = one_device_setup(smoke_config())
+  b = run(s, s.state, 1)[1][0]
+  s3 = one_device_setup(smoke_config(seed=1))
+  c = run(s3, s3.state, 1)[1][0]
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert any(not np.allclose(a[k], c[k]) for k in ('d/loss', 'g/adv_loss', 'align/loss'))
+
+
+def test_sharded_step_equals_single_device():
+  """A step on an 8-device data x fsdp mesh matches the 1-device step."""
+  if len(jax.devices()) < 8:
+    pytest.skip('needs 8 (virtual) devices')
+  single = one_device_setup(smoke_config())
+  multi = trainer.setup(smoke_config(**{'mesh.shape': (2, 4, 1)}), None, devices=jax.devices()[:8])
+  # The state is really distributed: some parameter is split over the fsdp axis.
+  specs = [x.sharding.spec for x in jax.tree.leaves(multi.state.params)]
+  assert any('fsdp' in str(spec) for spec in specs)
+  s1, m1, b1 = run(single, single.state, 2)
+  s8, m8, b8 = run(multi, multi.state, 2)
+  np.testing.assert_array_equal(b1[0], b8[0])
+  for k in m1[0]:
+    np.testing.assert_allclose(m1[0][k], m8[0][k], rtol=2e-4, atol=2e-5, err_msg=k)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(host(s1.params))[0],
+                          jax.tree.leaves(host(s8.params))):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_save_stop_resume_is_exact(tmp_path):
+  """Stop after 2 steps, resume for 2 more: same params and same batches as 4 uninterrupted steps."""
+  config = smoke_config()
+  ref = one_device_setup(config)
+  ref_state, _, ref_batches = run(ref, ref.state, 4)
+
+  first = one_device_setup(config, str(tmp_path))
+  state, _, _ = run(first, first.state, 2)
+  first.checkpointer.save(2, state, first.data.train.get_state(), force=True)
+  first.checkpointer.close()
+
+  resumed = one_device_setup(config, str(tmp_path))
+  assert resumed.start_step == 2
+  state, _, batches = run(resumed, resumed.state, 2, start=2)
+  resumed.checkpointer.close()
+  for a, b in zip(ref_batches[2:], batches):
+    np.testing.assert_array_equal(a, b)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(host(ref_state))[0],
+                          jax.tree.leaves(host(state))):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_nonfinite_update_is_skipped_and_counted(smoke):
+  state = smoke.state
+  bad = dict(state.params['generator'])
+  bad_synth = jax.tree.map(lambda x: x * jnp.nan, bad['synthesis_network'])
+  bad['synthesis_network'] = bad_synth
+  poisoned = state.replace(params=dict(state.params, generator=bad))
+  with jax.set_mesh(smoke.mesh):
+    batch = trainer.next_batch(smoke)
+    new, m = smoke.steps.g_step(jax.tree.map(jnp.copy, poisoned), batch)
+  assert float(m['guard/g_finite']) == 0.0
+  assert float(new.adaptive['nonfinite']) == 1.0
+  # Nothing was trained through the NaNs: the text encoder (finite before) is unchanged.
+  np.testing.assert_array_equal(host(new.params['text_encoder'])['pos_embed'],
+                                host(poisoned.params['text_encoder'])['pos_embed'])
+  assert int(new.step) == int(poisoned.step) + 1
+
+
+@pytest.mark.parametrize('overrides, check', [
+    ({'model.refiner.enabled': False}, lambda p: 'refiner' not in p),
+    ({'model.fusion.cross_attention': False}, lambda p: not any('cross' in k for k in p['fusion'])),
+    ({'model.generator.cross_attention_max_res': 0},
+     lambda p: not any('attn' in k for k in p['generator']['synthesis_network'])),
+    ({'model.discriminator.noise_aware': False}, lambda p: not any('temb' in k for k in p['discriminator'])),
+    ({'model.discriminator.projection': False}, lambda p: not any('proj' in k for k in p['discriminator'])),
+    ({'model.modalities': ('text', 'image')}, lambda p: 'audio_encoder' not in p),
+    ({'model.modalities': ('image', 'audio')}, lambda p: 'text_encoder' not in p and 'text_decoder' not in p),
+])
+def test_component_switches_change_the_model(overrides, check):
+  config = smoke_config(**overrides)
+  from mmgan_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  model = mmgan.build_model(config.model, image_size=32, vocab_size=tokenizer.shapes_text_codec().vocab_size,
+                            max_text_len=config.data.max_text_len, sample_rate=16_000)
+  params = jax.eval_shape(lambda k: mmgan.init_params(model, k, mmgan.dummy_batch(model, 2, 8000)),
+                          jax.random.PRNGKey(0))
+  assert check(params)
+  base = smoke_config()
+  base_model = mmgan.build_model(base.model, image_size=32, vocab_size=tokenizer.shapes_text_codec().vocab_size,
+                                 max_text_len=base.data.max_text_len, sample_rate=16_000)
+  base_params = jax.eval_shape(lambda k: mmgan.init_params(base_model, k, mmgan.dummy_batch(base_model, 2, 8000)),
+                               jax.random.PRNGKey(0))
+  assert not check(base_params)
+
+
+def test_loss_switches_change_the_step():
+  """Adaptive weighting off -> lambda 1; plain D -> no instance noise (T_max stays 0); sem/align off -> no terms."""
+  config = smoke_config(**{'loss.adaptive': False, 'model.discriminator.noise_aware': False, 'loss.sem': 0.0,
+                           'loss.align': 0.0, 'diffusion_gan.t_max_init': 10.0, 'refine.num_steps': 0})
+  s = one_device_setup(config)
+  state, metrics, _ = run(s, s.state, 2)
+  for m in metrics:
+    assert float(m['g/lambda_adv']) == 1.0
+    assert float(m['g/sem_loss']) == 0.0
+    assert 'align/loss' not in m
+  assert float(state.adaptive['t_max']) == 10.0  # not adapted when D is not noise-aware
+  # Adaptive on (the default) gives a data-dependent lambda.
+  smoke = one_device_setup(smoke_config())
+  _, m2, _ = run(smoke, smoke.state, 1)
+  assert float(m2[0]['g/lambda_adv']) != 1.0
+
+
+def test_refinement_switch_changes_samples(smoke):
+  from mmgan_jax.evaluation.evaluator import Evaluator  # pylint: disable=g-import-not-at-top
+  batch = {k: v[:4] for k, v in smoke.data.eval_batch.items()}
+  state = smoke.state
+  ref = dict(state.ema['refiner'])
+  ref['conv_out'] = jax.tree.map(lambda x: x + 0.05, ref['conv_out'])  # a non-trivial refiner
+  state = state.replace(ema=dict(state.ema, refiner=ref))
+  on = Evaluator(smoke.model, smoke.config, smoke.data.text_codec)
+  pre, post = on.samples(state, batch, ('text',))
+  assert not np.allclose(pre, post)
+  off_config = smoke_config(**{'refine.num_steps': 0})
+  off = Evaluator(smoke.model, off_config, smoke.data.text_codec)
+  pre, post = off.samples(state, batch, ('text',))
+  np.testing.assert_array_equal(pre, post)
+
+
+def test_checkpointer_roundtrip(tmp_path, smoke):
+  ck = ckpt_lib.Checkpointer(str(tmp_path))
+  ck.save(7, smoke.state, {'next_index': 3}, force=True)
+  ck.wait()
+  abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: smoke.state), smoke.state_shardings)
+  state, data = ck.restore(abstract)
+  ck.close()
+  assert data == {'next_index': 3}
+  for a, b in zip(jax.tree.leaves(host(state)), jax.tree.leaves(host(smoke.state))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_launcher_smoke_end_to_end(tmp_path):
+  """`launch/train.py --config=configs/shapes.py:smoke` trains, checkpoints, writes events and results."""
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)  # one CPU device, as a user's laptop
+  env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir or ''
+  workdir = tmp_path / 'run'
+  proc = subprocess.run([sys.executable, 'launch/train.py', '--config=configs/shapes.py:smoke',
+                         f'--workdir={workdir}', '--config.seed=3'], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (workdir / 'checkpoints' / '6').is_dir()
+  events = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
+  assert events
+  import json  # pylint: disable=g-import-not-at-top
+  results = json.loads((workdir / 'eval_results.json').read_text())
+  assert 'text_to_image/refined/mean' in results and 'image_to_text/BLEU-4' in results
+  assert 0.0 <= results['text_to_image/refined/mean'] <= 1.0
+
+
+def test_launcher_reports_missing_dataset_cleanly(tmp_path):
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run([sys.executable, 'launch/train.py', '--config=configs/vggsound.py',
+                         f'--workdir={tmp_path}'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert 'VGGSound' in proc.stderr and 'Traceback' not in proc.stderr

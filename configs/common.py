@@ -138,3 +138,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 0  # 0: only at the end
   c.eval = dict(num_examples=256, batch_size=64, beam_size=1, sample_grid=16, metrics=('bleu',))
   return c
+
+
+def paper_scale(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What COCO and VGGSound share: StyleGAN2-width G and D on 32x32x4 KL latents, an LDM-size refiner, long
+  schedules and the full caption protocol. The dataset configs set the data, encoders and codec."""
+  m = c.model
+  m.generator.update(z_dim=128, w_dim=512, mapping_layers=8, channels=(512, 512, 512, 512),
+                     cross_attention_max_res=16, num_heads=8)
+  m.refiner.update(channels=(128, 256, 512), num_res_blocks=2, num_groups=32, num_heads=8, patch_size=1)
+  m.discriminator.update(channels=(256, 512, 512, 512))
+  c.codec_stage = dict(steps=100_000, lr=1e-4, kl_weight=1e-6)
+  c.ema.half_life_images = 10_000
+  c.optim.update(g_lr=2e-3, d_lr=2e-3, rep_lr=3e-4, warmup_steps=5_000)
+  c.log_every = 100
+  c.sample_every = 5_000
+  c.checkpoint_every = 5_000
+  c.eval_every = 25_000
+  c.eval = dict(num_examples=5000, batch_size=256, beam_size=4, sample_grid=16,
+                metrics=('bleu', 'meteor', 'rouge', 'cider'))
+  return c

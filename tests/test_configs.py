@@ -56,3 +56,24 @@ def test_kl_codec_without_checkpoint_is_a_clear_error():
     codec_stage.load('', model.codec, model.image_shape)
   with pytest.raises(FileNotFoundError, match='does not exist'):
     codec_stage.load('/nonexistent/codec', model.codec, model.image_shape)
+
+
+def test_kl_codec_stage_one_then_frozen_in_the_gan(tmp_path):
+  """Stage 1 trains and saves the KL codec; stage 2 loads it frozen and works on its latents."""
+  from mmgan_jax.train import codec_stage, trainer  # pylint: disable=g-import-not-at-top
+  c = shapes.get_config('smoke')
+  c.mesh.shape = (1, 1, 1)
+  c.model.codec.update(type='kl', channels=(8, 16), latent_channels=4, num_res_blocks=1, num_groups=4)
+  c.model.generator.channels = (32, 16, 8)  # latents are 16x16: resolutions 4, 8, 16
+  c.model.discriminator.channels = (8, 16, 32)
+  c.codec_stage.steps = 2
+  out = codec_stage.train_codec(c, str(tmp_path))
+  assert np.isfinite(out['loss']) and out['scale'] > 0
+  c.model.codec.checkpoint = str(tmp_path / 'codec')
+  s = trainer.setup(c, None, devices=jax.devices()[:1])
+  assert s.model.latent_shape == (16, 16, 4)
+  assert 'codec' not in s.state.params  # frozen: outside the optimisers
+  np.testing.assert_allclose(float(s.state.codec['scale']), out['scale'], rtol=1e-6)
+  restored, _ = codec_stage.load(str(tmp_path / 'codec'), s.model.codec, s.model.image_shape)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(s.state.codec['params'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -38,11 +38,6 @@ Dtype = Any
 MODALITIES = ('text', 'image', 'audio')
 
 
-def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
-  x = x.astype(jnp.float32)
-  return x * jnp.reciprocal(jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True)) + eps)
-
-
 class ModalityFusion(nn.Module):
   """Projects each modality to width D, runs intra-modal self-attention, pools, and fuses across modalities.
 
@@ -97,7 +92,7 @@ class ModalityFusion(nn.Module):
     for blk in self.self_blocks[modality]:
       x = blk(x, mask=mask, deterministic=deterministic)
     x = self.norm[modality](x)
-    s = l2_normalize(self.head[modality](layers.masked_mean(x, mask)))
+    s = layers.l2_normalize(self.head[modality](layers.masked_mean(x, mask)).astype(jnp.float32))
     return x, s
 
   def fuse(self, sources: Mapping[str, tuple[Array, Array, Array]], deterministic: bool = True
@@ -154,5 +149,5 @@ class ModalityFusion(nn.Module):
       weights = jnp.stack([keep[m].astype(jnp.float32) for m in srcs], axis=1)  # (B, S)
       stacked = jnp.stack([out['embed'][m] for m in srcs], axis=1)  # (B, S, E)
       pooled = jnp.sum(stacked * weights[..., None], axis=1) / jnp.maximum(jnp.sum(weights, 1), 1.0)[:, None]
-      out[task] = dict(tokens=t, mask=mask, cond=l2_normalize(pooled), has_cond=jnp.sum(weights, 1) > 0)
+      out[task] = dict(tokens=t, mask=mask, cond=layers.l2_normalize(pooled), has_cond=jnp.sum(weights, 1) > 0)
     return out

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Array = Any
@@ -180,3 +181,10 @@ def masked_mean(x: Array, mask: Array | None) -> Array:
   total = jnp.sum(x.astype(jnp.float32) * w, axis=1)
   count = jnp.sum(w, axis=1)
   return (total / jnp.maximum(count, 1.0)).astype(x.dtype)
+
+
+def l2_normalize(x: Array, eps: float = 1e-6, axis: int = -1) -> Array:
+  """x / max(||x||, eps) along `axis`, in x's dtype; the zero vector maps to zero with finite gradients."""
+  xf = jnp.asarray(x, jnp.float32)
+  sq = jnp.sum(jnp.square(xf), axis=axis, keepdims=True)
+  return (xf * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))).astype(jnp.asarray(x).dtype)

@@ -58,6 +58,7 @@ class Model:
   alpha_bar_disc: np.ndarray  # (T_d + 1,) schedule of the discriminator's instance noise
   max_text_len: int
   vocab_size: int
+  pad_id: int  # the text codec's padding id (masked out of the captioning loss)
 
   @property
   def generate_sources(self) -> tuple[str, ...]:
@@ -89,7 +90,8 @@ def _check_modalities(modalities) -> tuple[str, ...]:
   return modalities
 
 
-def build_model(cfg, *, image_size: int, vocab_size: int, max_text_len: int, sample_rate: int) -> Model:
+def build_model(cfg, *, image_size: int, vocab_size: int, max_text_len: int, sample_rate: int,
+                pad_id: int = 0) -> Model:
   """Builds every module from `config.model` (an ml_collections.ConfigDict or anything with attributes)."""
   modalities = _check_modalities(cfg.modalities)
   dtype = DTYPES[cfg.dtype]
@@ -149,7 +151,7 @@ def build_model(cfg, *, image_size: int, vocab_size: int, max_text_len: int, sam
       text_decoder=dec, codec=codec, image_shape=image_shape, latent_shape=tuple(latent),
       alpha_bar_refiner=diffusion.cosine_alpha_bar(r.num_timesteps),
       alpha_bar_disc=diffusion.cosine_alpha_bar(d.num_timesteps),
-      max_text_len=max_text_len, vocab_size=vocab_size)
+      max_text_len=max_text_len, vocab_size=vocab_size, pad_id=pad_id)
 
 
 # ------------------------------------------------------------------------------------------------------------

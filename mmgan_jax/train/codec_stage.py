@@ -22,7 +22,6 @@ import orbax.checkpoint as ocp
 
 from mmgan_jax.data import registry
 from mmgan_jax.models import codec as codec_lib
-from mmgan_jax.models import mmgan
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mmgan_jax.models.layers import l2_normalize  # noqa: F401  (re-exported)
 from mmgan_jax.models.diffusion import q_sample
 
 Array = Any
@@ -106,13 +107,6 @@ def r1_penalty(d_fn: Callable[..., Array], y: Array, *args: Any) -> tuple[Array,
 
 # ----------------------------------------------------------------------------------------------------------------
 # Alignment.
-
-
-def l2_normalize(x: Array, eps: float = 1e-6, axis: int = -1) -> Array:
-  """x / max(||x||, eps) along `axis`, in x's dtype; the zero vector maps to zero with finite gradients."""
-  xf = _f32(x)
-  sq = jnp.sum(jnp.square(xf), axis=axis, keepdims=True)
-  return (xf * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))).astype(jnp.asarray(x).dtype)
 
 
 def info_nce(a: Array, b: Array, logit_scale: Array, valid: Array | None = None

@@ -70,12 +70,6 @@ def spec_for(shape: Sequence[int], logical: Sequence[str | None] | None, mesh: M
   return P(*out)
 
 
-def logical_names(boxed_tree: Tree) -> Tree:
-  """Tree of logical axis-name tuples (None for unannotated leaves), same structure as the unboxed tree."""
-  return jax.tree.map(lambda x: tuple(x.names) if isinstance(x, nn.Partitioned) else None, boxed_tree,
-                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
 def param_shardings(abstract_boxed: Tree, mesh: Mesh, rules) -> Tree:
   """NamedShardings for a boxed (nn.Partitioned) abstract param tree; the result matches the unboxed tree."""
 

@@ -109,7 +109,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   adaptive_on = bool(lc.adaptive) and semantic_on and lc.adv > 0
   pairs = list(itertools.combinations(model.modalities, 2))
   captions_on = model.text_decoder is not None and lc.caption > 0
-  pad_id = 0
+  pad_id = model.pad_id
 
   def keys(state: TrainState, stream: int, n: int):
     k = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), stream)
@@ -177,7 +177,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     t_new = t_max
     if noise_aware and dg.adaptive:
       t_new = losses.update_t_max(t_max, r_d, target=dg.target, step=dg.step_size, t_lo=dg.t_lo, t_hi=dg.t_hi)
-    new = state.replace(step=state.step, params=params, opt_d=opt_d,
+    new = state.replace(params=params, opt_d=opt_d,
                         adaptive={**state.adaptive, 't_max': t_new, 'r_d': r_d})
     grad_norm = optax.global_norm(grads)
     ok = losses.all_finite((loss, grad_norm))

@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
@@ -80,7 +79,7 @@ def setup(config, workdir: str | None, *, devices=None) -> Setup:
   data = registry.make_data(config.data, process_index=jax.process_index(), process_count=jax.process_count())
   model = mmgan.build_model(config.model, image_size=config.data.image_size,
                             vocab_size=data.text_codec.vocab_size, max_text_len=config.data.max_text_len,
-                            sample_rate=data.sample_rate)
+                            sample_rate=data.sample_rate, pad_id=data.text_codec.pad_id)
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices)
   rules = config.partition_rules
   sharding.check_batch_divisible(config.data.global_batch, mesh, rules)
@@ -109,9 +108,8 @@ def setup(config, workdir: str | None, *, devices=None) -> Setup:
       start_step = int(jax.device_get(state.step))
       log.info('Resumed from %s at step %d.', checkpointer.directory, start_step)
 
-  example = next(iter([mmgan.dummy_batch(model, 1, data.audio_samples)]))
-  batch_sh = {k: sharding.batch_sharding(mesh, rules, np.ndim(v)) for k, v in example.items()}
-  batch_sh['attributes'] = sharding.batch_sharding(mesh, rules, 2)
+  batch_ndims = {k: np.ndim(v) for k, v in init_batch.items()}  # the model's inputs; labels are not fed
+  batch_sh = {k: sharding.batch_sharding(mesh, rules, n) for k, n in batch_ndims.items()}
   fns = make_steps(model, config, tx_g, tx_d)
   jit = lambda f: jax.jit(f, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
                           donate_argnums=0)
@@ -120,10 +118,9 @@ def setup(config, workdir: str | None, *, devices=None) -> Setup:
 
 
 def next_batch(s: Setup) -> dict[str, jax.Array]:
+  """The next per-process batch as global arrays (only the keys the steps take)."""
   local = next(s.data.train)
-  local = {k: v for k, v in local.items() if k in s.batch_shardings}
-  return {k: jax.make_array_from_process_local_data(s.batch_shardings[k], np.asarray(v))
-          for k, v in local.items()}
+  return sharding.global_batch({k: local[k] for k in s.batch_shardings}, s.mesh, s.config.partition_rules)
 
 
 def train_step(s: Setup, state, batch, step: int):
@@ -213,7 +210,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         if step % config.log_every == 0 or step == config.total_steps:
           scalars = _mean_metrics(history)
           history.clear()
-          scalars['steps_per_sec_wall'] = step / max(time.time() - t0, 1e-9) if s.start_step == 0 else 0.0
+          scalars['steps_per_sec_wall'] = (step - s.start_step) / max(time.time() - t0, 1e-9)
           writer.write_scalars(step, scalars)
           if scalars.get('guard/nonfinite_streak', 0.0) >= config.max_nonfinite_steps:
             raise NonFiniteError(

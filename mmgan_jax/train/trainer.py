@@ -208,13 +208,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         history.append(metrics)
         progress(step)
         if step % config.log_every == 0 or step == config.total_steps:
+          streak = float(jax.device_get(history[-1]['guard/nonfinite_streak']))  # the latest, not the mean
           scalars = _mean_metrics(history)
           history.clear()
           scalars['steps_per_sec_wall'] = (step - s.start_step) / max(time.time() - t0, 1e-9)
           writer.write_scalars(step, scalars)
-          if scalars.get('guard/nonfinite_streak', 0.0) >= config.max_nonfinite_steps:
+          if streak >= config.max_nonfinite_steps:
             raise NonFiniteError(
-                f'step {step}: losses or gradients were NaN/Inf for {int(scalars["guard/nonfinite_streak"])} '
+                f'step {step}: losses or gradients were NaN/Inf for {int(streak)} '
                 'consecutive steps (updates were skipped). Lower the learning rates or enable '
                 '--config.optim.grad_clip; the last good checkpoint is in the workdir.')
         if config.sample_every and step % config.sample_every == 0:

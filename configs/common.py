@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Data. `name` picks the pipeline in mmgan_jax/data/registry.py.
   c.data = ml_collections.ConfigDict(dict(
       name='shapes', image_size=32, noisy=False, audio_seconds=1.0, sample_rate=16_000,
-      num_train=50_000, num_eval=256, max_text_len=16, global_batch=32, num_threads=1, seed=0,
+      num_train=50_000, num_eval=10_000, max_text_len=16, global_batch=32, num_threads=1, seed=0,
       data_dir='',  # real datasets: the TFDS / array_record directory
   ))
 
@@ -136,8 +136,34 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.max_checkpoints = 3
   c.eval_every = 0  # 0: only at the end
-  c.eval = dict(num_examples=256, batch_size=64, beam_size=1, sample_grid=16, metrics=('bleu',))
+  c.eval = eval_config(num_examples=256, batch_size=64, beam_size=1, metrics=('bleu',),
+                       evaluators=('semantic', 'captions', 'retrieval'))
   return c
+
+
+def eval_config(**overrides) -> ml_collections.ConfigDict:
+  """Evaluation settings (mmgan_jax/evaluation/evaluator.py): which plug-ins run, on how many examples."""
+  e = ml_collections.ConfigDict(dict(
+      num_examples=256,  # held-out examples scored (<= data.num_eval); N is reported with every number
+      batch_size=64,  # examples per compiled evaluation call
+      beam_size=1,  # caption decoding: 1 = greedy
+      sample_grid=16,  # images in the TensorBoard sample grids
+      metrics=('bleu',),  # caption metrics: any of bleu, meteor, rouge, cider (meteor needs Java)
+      evaluators=('semantic', 'captions', 'retrieval'),  # plug-ins: semantic, captions, retrieval, fid
+      generate=('text_to_image', 'audio_to_image', 'text_audio_to_image'),  # settings sampled for semantic
+      captions=('image_to_text', 'image_audio_to_text', 'audio_to_text'),  # settings captioned
+      retrieval_ks=(1, 5, 10),
+      fid=dict(
+          weights='',  # FID Inception .npz (or env MMGAN_FID_WEIGHTS); required when 'fid' is evaluated
+          settings=('text_to_image',),  # conditioning settings whose samples get FID / precision / recall
+          stages=('refined',),  # pre_refine and/or refined
+          precision_recall=True, k=3,  # improved precision/recall (Kynkaanniemi et al. 2019)
+          batch_size=32,  # Inception batch (a divisor of eval.batch_size wastes no padding)
+          cache_dir='',  # real-set features cache; '' = <workdir>/eval/cache
+      ),
+  ))
+  e.update(overrides)
+  return e
 
 
 def paper_scale(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -155,6 +181,6 @@ def paper_scale(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.sample_every = 5_000
   c.checkpoint_every = 5_000
   c.eval_every = 25_000
-  c.eval = dict(num_examples=5000, batch_size=256, beam_size=4, sample_grid=16,
-                metrics=('bleu', 'meteor', 'rouge', 'cider'))
+  c.eval = eval_config(num_examples=5000, batch_size=256, beam_size=4,
+                       metrics=('bleu', 'meteor', 'rouge', 'cider'), evaluators=('fid', 'captions', 'retrieval'))
   return c

@@ -46,7 +46,7 @@ def get_config(arg: str | None = None):
     c.log_every = 2
     c.sample_every = 3
     c.checkpoint_every = 3
-    c.eval = dict(num_examples=16, batch_size=8, beam_size=1, sample_grid=4, metrics=('bleu',))
+    c.eval.update(num_examples=16, batch_size=8, sample_grid=4, retrieval_ks=(1, 5))
   if arg.steps:
     c.total_steps = arg.steps
   return c

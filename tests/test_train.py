@@ -264,12 +264,19 @@ def test_launcher_smoke_end_to_end(tmp_path):
   env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir or ''
   workdir = tmp_path / 'run'
   proc = subprocess.run([sys.executable, 'launch/train.py', '--config=configs/shapes.py:smoke',
-                         f'--workdir={workdir}', '--config.seed=3'], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=900)
+                         f'--workdir={workdir}', '--config.seed=3', '--config.eval_every=3'], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (workdir / 'checkpoints' / '6').is_dir()
   events = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
   assert events
+  # The plug-in evaluators ran mid-training (eval_every=3) and at the end, logged for TensorBoard.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  logged = {(e.step, v.tag) for f in events for e in tf.compat.v1.train.summary_iterator(str(workdir / f))
+            for v in e.summary.value}
+  for step in (3, 6):
+    assert (step, 'eval/retrieval/text_to_image/R@1') in logged, sorted(t for t in logged if t[0] == step)
+    assert (step, 'eval/text_to_image/refined/mean') in logged
   import json  # pylint: disable=g-import-not-at-top
   results = json.loads((workdir / 'eval_results.json').read_text())
   assert 'text_to_image/refined/mean' in results and 'image_to_text/BLEU-4' in results

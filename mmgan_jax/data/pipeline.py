@@ -148,15 +148,19 @@ def make_shapes_dataset(spec: shapes.ShapesSpec, *, split: str, seed: int, num_e
 
 
 def eval_examples(spec: shapes.ShapesSpec, *, seed: int, split: str = 'test', num_examples: int,
-                  text_codec: TextCodec, max_text_len: int) -> tuple[dict[str, np.ndarray], list[list[str]]]:
-  """The first ``num_examples`` examples of a split as one batch, plus every example's reference captions.
+                  text_codec: TextCodec, max_text_len: int, start: int = 0
+                  ) -> tuple[dict[str, np.ndarray], list[list[str]]]:
+  """Examples ``start .. start + num_examples - 1`` of a split as one batch, plus their reference captions.
 
-  The batch has the training keys (``text_ids`` holds the canonical first caption); the captions list
-  holds all ``spec.num_captions`` references per example, for BLEU/METEOR/CIDEr.
+  The batch has the training keys (``text_ids`` holds the canonical first caption) and the oracle labels
+  (``attributes``); the captions list holds all ``spec.num_captions`` references per example, for
+  BLEU/METEOR/CIDEr.
   """
   if num_examples <= 0:
     raise ValueError(f'num_examples must be positive, got {num_examples}.')
-  examples = [shapes.make_example(spec, seed, split, i) for i in range(num_examples)]
+  if start < 0:
+    raise ValueError(f'start must be >= 0, got {start}.')
+  examples = [shapes.make_example(spec, seed, split, i) for i in range(start, start + num_examples)]
   captions = [list(e['captions']) for e in examples]
   ids, mask = text_codec.encode_batch([c[0] for c in captions], max_text_len)
   batch = dict(

@@ -1,28 +1,52 @@
-"""Sampling, captioning and the end-of-run evaluation, with the EMA generator and refiner.
+"""Sampling, captioning and evaluation with the EMA generator and refiner, through plug-in evaluators.
 
-`Evaluator` compiles three functions once (per batch shape) and scores a held-out set:
-  text->image and audio->image (and text+audio->image): oracle semantic accuracy of the samples before and
-      after diffusion refinement (synthetic set; real datasets get FID/precision/recall in a later issue);
-  image->text (and image+audio->text): BLEU-1..4 (and METEOR/ROUGE-L/CIDEr if asked) against every reference;
-  retrieval R@1 in the shared space (text<->image, audio<->image).
+`Evaluator` makes one streaming pass over the held-out examples. For each chunk it computes only what the
+configured plug-ins ask for (real images, samples per conditioning setting before/after diffusion
+refinement, captions per setting, shared-space embeddings) and hands it to them; each plug-in keeps its own
+running state and returns flat ``{name: float}`` metrics at the end. Memory is bounded by what the plug-ins
+keep (Inception features for FID and precision/recall: 8 KiB per image and set), not by the images.
+
+Plug-ins, named in ``config.eval.evaluators`` (see `EVALUATORS`):
+  semantic   oracle attribute accuracy of text/audio->image samples (synthetic "shapes" set only);
+  captions   BLEU-1..4 / METEOR / ROUGE-L / CIDEr(-D) of image(+audio)->text and audio->text captions under
+             the COCO protocol (``config.eval.metrics``);
+  retrieval  cross-modal retrieval R@k in the shared space (text<->image, audio<->image);
+  fid        FID and improved precision/recall (k = ``config.eval.fid.k``) of samples against the held-out
+             real images, with Inception features of the TF-2015 FID network; the real-set statistics are
+             cached on disk per (dataset, split, N, weights).
+
+Every chunk is padded to ``config.eval.batch_size`` so each jitted function compiles once; padded rows are
+dropped before the plug-ins see them. Sampling noise is ``fold_in(PRNGKey(seed + 1_000_003), chunk index)``:
+the same checkpoint, config and seed give the same numbers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmgan_jax.data import oracle
 from mmgan_jax.evaluation import semantic, text_metrics
 from mmgan_jax.models import mmgan, text_decoder
+
+log = logging.getLogger(__name__)
 
 # Named conditioning settings evaluated for generation and captioning.
 GENERATE_SETTINGS = {'text_to_image': ('text',), 'audio_to_image': ('audio',), 'text_audio_to_image': ('text', 'audio')}
 CAPTION_SETTINGS = {'image_to_text': ('image',), 'image_audio_to_text': ('image', 'audio'),
                     'audio_to_text': ('audio',)}
+STAGES = ('pre_refine', 'refined')
+
+Chunk = tuple[Mapping[str, np.ndarray], Sequence[Sequence[str]]]
 
 
 def eval_params(state) -> dict[str, Any]:
@@ -30,14 +54,262 @@ def eval_params(state) -> dict[str, Any]:
   return dict(state.params, **state.ema)
 
 
-class Evaluator:
-  """Samples images and captions from a train state and scores them on a fixed held-out batch."""
+class Plugin:
+  """One evaluator: says what it needs, accumulates it chunk by chunk, and returns flat metrics.
 
-  def __init__(self, model: mmgan.Model, config, text_codec, *, seed: int = 0):
+  Attributes a subclass sets: `generated` ((setting, stage) pairs whose samples it needs), `caption_settings`,
+  `needs_real` (real images), `needs_embeddings` (the shared-space vectors of every modality).
+  """
+  name = ''
+  generated: tuple[tuple[str, str], ...] = ()
+  caption_settings: tuple[str, ...] = ()
+  needs_real = False
+  needs_embeddings = False
+
+  def start(self) -> None:
+    """Clears the running state before a pass."""
+
+  def real(self, images: np.ndarray, batch: Mapping[str, np.ndarray]) -> None:
+    """Real held-out images, (B, H, W, 3) in [-1, 1]."""
+
+  def samples(self, setting: str, stage: str, images: np.ndarray, batch: Mapping[str, np.ndarray]) -> None:
+    """Generated images for `setting` at `stage`, aligned with `batch`."""
+
+  def captions(self, setting: str, predictions: list[str], references: Sequence[Sequence[str]]) -> None:
+    """Decoded captions for `setting` and every example's reference captions."""
+
+  def embeddings(self, vectors: Mapping[str, np.ndarray]) -> None:
+    """Shared-space vectors {modality: (B, D)}."""
+
+  def result(self) -> dict[str, float]:
+    raise NotImplementedError
+
+
+def _settings(requested: Sequence[str], table: Mapping[str, tuple[str, ...]], modalities: Sequence[str],
+              field: str) -> tuple[str, ...]:
+  unknown = [s for s in requested if s not in table]
+  if unknown:
+    raise ValueError(f'{field}: unknown setting(s) {unknown}; known: {sorted(table)}.')
+  return tuple(s for s in requested if set(table[s]) <= set(modalities))
+
+
+class SemanticPlugin(Plugin):
+  """Oracle accuracy (shape, colour, size, position, mean, all_correct) per setting and stage."""
+  name = 'semantic'
+
+  def __init__(self, ctx: 'Context'):
+    if ctx.config.data.name != 'shapes':
+      raise ValueError(f"evaluator 'semantic' scores samples with the oracle of the synthetic 'shapes' set; "
+                       f"config.data.name={ctx.config.data.name!r} has no such labels. Drop it from "
+                       'config.eval.evaluators (use fid/captions/retrieval).')
+    self.generated = tuple((s, st) for s in ctx.generate_settings for st in STAGES)
+
+  def start(self):
+    self._pred: dict[tuple[str, str], list[np.ndarray]] = {}
+    self._labels: dict[tuple[str, str], list[np.ndarray]] = {}
+
+  def samples(self, setting, stage, images, batch):
+    self._pred.setdefault((setting, stage), []).append(oracle.predict_attributes(images))
+    self._labels.setdefault((setting, stage), []).append(np.asarray(batch['attributes'], np.int32))
+
+  def result(self):
+    out = {}
+    for (setting, stage), pred in self._pred.items():
+      acc = oracle.attribute_accuracy(np.concatenate(pred), np.concatenate(self._labels[(setting, stage)]))
+      out.update({f'{setting}/{stage}/{k}': float(v) for k, v in acc.items()})
+    return out
+
+
+class CaptionPlugin(Plugin):
+  """COCO-protocol caption scores per captioning setting."""
+  name = 'captions'
+
+  def __init__(self, ctx: 'Context'):
+    if ctx.model.text_decoder is None:
+      raise ValueError("evaluator 'captions' needs the text decoder (config.model.text_decoder).")
+    self.metrics = tuple(ctx.config.eval.metrics)
+    unknown = set(self.metrics) - set(text_metrics.ALL_METRICS)
+    if unknown:
+      raise ValueError(f'config.eval.metrics: unknown {sorted(unknown)}; known: {text_metrics.ALL_METRICS}.')
+    if 'meteor' in self.metrics and not text_metrics.java_available():
+      raise ValueError('config.eval.metrics has meteor, which needs Java 8+ on PATH (METEOR 1.5 is a jar); '
+                       'install a JRE (e.g. apt-get install openjdk-17-jre-headless) or drop meteor.')
+    self.caption_settings = ctx.caption_settings
+
+  def start(self):
+    self._pred: dict[str, list[str]] = {}
+    self._refs: dict[str, list[Sequence[str]]] = {}
+
+  def captions(self, setting, predictions, references):
+    self._pred.setdefault(setting, []).extend(predictions)
+    self._refs.setdefault(setting, []).extend(references)
+
+  def result(self):
+    out = {}
+    for setting, preds in self._pred.items():
+      scores = text_metrics.caption_scores(preds, self._refs[setting], metrics=self.metrics)
+      out.update({f'{setting}/{k}': float(v) for k, v in scores.items() if isinstance(v, (int, float))})
+    return out
+
+
+class RetrievalPlugin(Plugin):
+  """R@k and median rank for text<->image and audio<->image retrieval in the shared space."""
+  name = 'retrieval'
+  needs_embeddings = True
+
+  def __init__(self, ctx: 'Context'):
+    self.ks = tuple(int(k) for k in ctx.config.eval.retrieval_ks)
+    self.modalities = tuple(m for m in ('text', 'audio') if m in ctx.model.modalities)
+    if 'image' not in ctx.model.modalities or not self.modalities:
+      raise ValueError("evaluator 'retrieval' needs the image modality and text or audio.")
+
+  def start(self):
+    self._emb: dict[str, list[np.ndarray]] = {}
+
+  def embeddings(self, vectors):
+    for m, v in vectors.items():
+      self._emb.setdefault(m, []).append(np.asarray(v, np.float32))
+
+  def result(self):
+    emb = {m: np.concatenate(v) for m, v in self._emb.items()}
+    out = {}
+    for m in self.modalities:
+      for q, k in ((m, 'image'), ('image', m)):
+        r = semantic.retrieval_recall(emb[q], emb[k], ks=self.ks)
+        out.update({f'retrieval/{q}_to_{k}/{name}': float(v) for name, v in r.items()})
+    return out
+
+
+class FIDPlugin(Plugin):
+  """FID and improved precision/recall of samples vs the held-out real images (Inception pool3 features)."""
+  name = 'fid'
+  needs_real = True
+
+  def __init__(self, ctx: 'Context'):
+    from mmgan_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
+    f = ctx.config.eval.fid
+    weights = str(f.weights or os.environ.get('MMGAN_FID_WEIGHTS', ''))
+    if not weights:
+      raise ValueError("evaluator 'fid' needs the FID Inception weights: pass --config.eval.fid.weights=PATH "
+                       '(an .npz in the layout of inception_2015_12_05_fid.npz; convert the official '
+                       'pytorch-fid .pth with `python -m mmgan_jax.evaluation.convert_inception`) or set '
+                       'MMGAN_FID_WEIGHTS. Nothing is downloaded.')
+    self.extractor = inception.FeatureExtractor.from_npz(weights, batch_size=int(f.batch_size))
+    stages = tuple(f.stages)
+    if not set(stages) <= set(STAGES):
+      raise ValueError(f'config.eval.fid.stages={stages}: allowed {STAGES}.')
+    settings = _settings(tuple(f.settings), GENERATE_SETTINGS, ctx.model.modalities, 'config.eval.fid.settings')
+    self.generated = tuple((s, st) for s in settings for st in stages)
+    self.k = int(f.k)
+    self.precision_recall = bool(f.precision_recall)
+    self.cache_path = None
+    if ctx.cache_dir:
+      key = json.dumps({'data': ctx.config.data.to_dict(), 'n': ctx.num_examples, 'weights': _file_id(weights)},
+                       sort_keys=True, default=str)
+      name = f'real_{ctx.config.data.name}_{ctx.num_examples}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz'
+      self.cache_path = os.path.join(ctx.cache_dir, name)
+    self._real_cached = None
+    if self.cache_path and os.path.exists(self.cache_path):
+      with np.load(self.cache_path, allow_pickle=False) as z:
+        self._real_cached = np.asarray(z['features'])
+      log.info('Real-set Inception features from the cache %s (N=%d).', self.cache_path, len(self._real_cached))
+    self.needs_real = self._real_cached is None
+
+  def start(self):
+    self._real: list[np.ndarray] = []
+    self._fake: dict[tuple[str, str], list[np.ndarray]] = {}
+
+  def real(self, images, batch):
+    self._real.append(self.extractor(images))
+
+  def samples(self, setting, stage, images, batch):
+    self._fake.setdefault((setting, stage), []).append(self.extractor(images))
+
+  def result(self):
+    from mmgan_jax.evaluation import fid, precision_recall  # pylint: disable=g-import-not-at-top
+    real = self._real_cached if self._real_cached is not None else np.concatenate(self._real)
+    if self._real_cached is None and self.cache_path:
+      os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
+      tmp = self.cache_path + '.tmp.npz'
+      np.savez(tmp, features=real)
+      os.replace(tmp, self.cache_path)
+      self._real_cached = real
+      self.needs_real = False
+    real_stats = fid.FeatureStats()
+    real_stats.update(real)
+    out = {}
+    for (setting, stage), feats in self._fake.items():
+      fake = np.concatenate(feats)
+      stats = fid.FeatureStats()
+      stats.update(fake)
+      out[f'{setting}/{stage}/fid'] = fid.frechet_distance(real_stats.mean, real_stats.cov, stats.mean, stats.cov)
+      if self.precision_recall:
+        pr = precision_recall.precision_recall(real, fake, k=self.k)
+        out[f'{setting}/{stage}/precision'] = float(pr['precision'])
+        out[f'{setting}/{stage}/recall'] = float(pr['recall'])
+    return out
+
+
+def _file_id(path: str) -> str:
+  """Content hash of a weights file (so a cache built with other weights is never reused)."""
+  h = hashlib.sha1()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 22), b''):
+      h.update(block)
+  return h.hexdigest()
+
+
+EVALUATORS: dict[str, type[Plugin]] = {
+    'semantic': SemanticPlugin, 'captions': CaptionPlugin, 'retrieval': RetrievalPlugin, 'fid': FIDPlugin}
+
+
+class Context:
+  """What a plug-in may look at when it is built."""
+
+  def __init__(self, model, config, num_examples: int, cache_dir: str | None):
+    self.model, self.config, self.num_examples, self.cache_dir = model, config, num_examples, cache_dir
+    self.generate_settings = _settings(tuple(config.eval.generate), GENERATE_SETTINGS, model.modalities,
+                                       'config.eval.generate')
+    self.caption_settings = _settings(tuple(config.eval.captions), CAPTION_SETTINGS, model.modalities,
+                                      'config.eval.captions')
+
+
+def make_plugins(model, config, *, num_examples: int, cache_dir: str | None = None) -> list[Plugin]:
+  """The plug-ins named in config.eval.evaluators, validated (clear errors before anything compiles)."""
+  names = tuple(config.eval.evaluators)
+  unknown = [n for n in names if n not in EVALUATORS]
+  if unknown:
+    raise ValueError(f'config.eval.evaluators: unknown {unknown}; known: {sorted(EVALUATORS)}.')
+  if len(set(names)) != len(names):
+    raise ValueError(f'config.eval.evaluators names an evaluator twice: {names}.')
+  ctx = Context(model, config, num_examples, cache_dir)
+  return [EVALUATORS[n](ctx) for n in names]
+
+
+def _pad(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  """Pads every array to `size` rows by repeating the last row (one compiled shape per function)."""
+  n = len(batch['image'])
+  if n > size:
+    raise ValueError(f'chunk of {n} examples is larger than the eval batch size {size}.')
+  return {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) if n < size else np.asarray(v)
+          for k, v in batch.items()}
+
+
+class Evaluator:
+  """Samples images and captions from a train state and scores held-out examples with the plug-ins."""
+
+  def __init__(self, model: mmgan.Model, config, text_codec, *, seed: int = 0, cache_dir: str | None = None,
+               num_examples: int | None = None):
     self.model = model
     self.config = config
     self.codec = text_codec
     self.key = jax.random.PRNGKey(seed + 1_000_003)
+    self.batch_size = int(config.eval.batch_size)
+    self.num_examples = int(config.eval.num_examples if num_examples is None else num_examples)
+    if self.batch_size <= 0 or self.num_examples <= 0:
+      raise ValueError(f'config.eval.batch_size={self.batch_size} and num_examples={self.num_examples} must be '
+                       'positive.')
+    self.plugins = make_plugins(model, config, num_examples=self.num_examples, cache_dir=cache_dir)
     r = config.refine
     steps = int(r.num_steps) if model.refiner is not None else 0
     prediction = config.model.refiner.prediction
@@ -74,66 +346,77 @@ class Evaluator:
 
       self._captions = jax.jit(captions)
 
-  def _batches(self, batch: Mapping[str, np.ndarray], size: int):
-    n = len(batch['image'])
-    for i in range(0, n - size + 1, size):
-      yield {k: v[i:i + size] for k, v in batch.items() if k != 'attributes'}, batch['attributes'][i:i + size]
+  @staticmethod
+  def _inputs(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v for k, v in batch.items() if k != 'attributes'}
 
   def samples(self, state, batch: Mapping[str, np.ndarray], sources: Sequence[str], key=None):
     """(pre-refinement, post-refinement) images in [-1, 1] for one batch conditioned on `sources`."""
-    b = len(batch['image'])
-    present = mmgan.only_present(self.model, b, sources)
-    inputs = {k: v for k, v in batch.items() if k != 'attributes'}
-    pre, post = self._sample(eval_params(state), state.codec, inputs, present,
+    n = len(batch['image'])
+    size = max(n, self.batch_size)
+    present = mmgan.only_present(self.model, size, sources)
+    pre, post = self._sample(eval_params(state), state.codec, _pad(self._inputs(batch), size), present,
                              self.key if key is None else key)
-    return np.asarray(pre), np.asarray(post)
+    return np.asarray(pre)[:n], np.asarray(post)[:n]
 
   def captions(self, state, batch: Mapping[str, np.ndarray], sources: Sequence[str]) -> list[str]:
-    b = len(batch['image'])
-    present = mmgan.only_present(self.model, b, sources)
-    inputs = {k: v for k, v in batch.items() if k != 'attributes'}
-    ids = np.asarray(self._captions(eval_params(state), inputs, present))
-    return self.codec.decode_batch(ids)
+    if self._captions is None:
+      raise ValueError('this model has no text decoder (config.model.text_decoder).')
+    n = len(batch['image'])
+    size = max(n, self.batch_size)
+    present = mmgan.only_present(self.model, size, sources)
+    ids = np.asarray(self._captions(eval_params(state), _pad(self._inputs(batch), size), present))
+    return self.codec.decode_batch(ids[:n])
 
-  def evaluate(self, state, batch: Mapping[str, np.ndarray], references: Sequence[Sequence[str]]
-               ) -> dict[str, float]:
-    """Every metric on the held-out `batch` (trimmed to a multiple of config.eval.batch_size)."""
-    size = min(int(self.config.eval.batch_size), len(batch['image']))
+  def evaluate(self, state, chunks: Iterable[Chunk]) -> dict[str, float]:
+    """Every configured metric over the held-out `chunks` ((batch, reference captions) pairs, in order).
+
+    Exactly `num_examples` examples are scored: chunks beyond them are not read, and fewer is an error.
+    """
+    plugins = self.plugins
+    for p in plugins:
+      p.start()
+    want_gen = {pair for p in plugins for pair in p.generated}
+    want_settings = sorted({s for s, _ in want_gen}, key=list(GENERATE_SETTINGS).index)
+    want_caps = [s for s in CAPTION_SETTINGS if any(s in p.caption_settings for p in plugins)]
+    params = eval_params(state)
+    seen = 0
+    t0 = last_log = time.time()
+    for i, (batch, refs) in enumerate(chunks):
+      if seen >= self.num_examples:
+        break
+      n = min(len(batch['image']), self.num_examples - seen)
+      batch = {k: np.asarray(v)[:n] for k, v in batch.items()}
+      refs = list(refs)[:n]
+      seen += n
+      for p in plugins:
+        if p.needs_real:
+          p.real(batch['image'], batch)
+      for setting in want_settings:
+        pre, post = self.samples(state, batch, GENERATE_SETTINGS[setting], key=jax.random.fold_in(self.key, i))
+        for stage, images in (('pre_refine', pre), ('refined', post)):
+          for p in plugins:
+            if (setting, stage) in p.generated:
+              p.samples(setting, stage, images, batch)
+      for setting in want_caps:
+        preds = self.captions(state, batch, CAPTION_SETTINGS[setting])
+        for p in plugins:
+          if setting in p.caption_settings:
+            p.captions(setting, preds, refs)
+      if any(p.needs_embeddings for p in plugins):
+        vectors = self._embed(params, _pad(self._inputs(batch), max(n, self.batch_size)))
+        vectors = {m: np.asarray(v)[:n] for m, v in vectors.items()}
+        for p in plugins:
+          if p.needs_embeddings:
+            p.embeddings(vectors)
+      if time.time() - last_log > 60:
+        last_log = time.time()
+        log.info('Evaluated %d / %d held-out examples in %.0f s.', seen, self.num_examples, last_log - t0)
+    if seen < self.num_examples:
+      raise ValueError(f'the held-out set ended after {seen} examples; config.eval.num_examples='
+                       f'{self.num_examples}.')
     out: dict[str, float] = {}
-    for name, sources in GENERATE_SETTINGS.items():
-      if not set(sources) <= set(self.model.modalities):
-        continue
-      pre, post, attrs = [], [], []
-      for i, (inputs, a) in enumerate(self._batches(batch, size)):
-        p, q = self.samples(state, inputs, sources, key=jax.random.fold_in(self.key, i))
-        pre.append(p)
-        post.append(q)
-        attrs.append(a)
-      attrs = np.concatenate(attrs)
-      for stage, images in (('pre_refine', pre), ('refined', post)):
-        acc = semantic.semantic_accuracy(np.concatenate(images), attrs)
-        for k, v in acc.items():
-          out[f'{name}/{stage}/{k}'] = float(v)
-    if self._captions is not None:
-      for name, sources in CAPTION_SETTINGS.items():
-        if not set(sources) <= set(self.model.modalities):
-          continue
-        preds = []
-        for inputs, _ in self._batches(batch, size):
-          preds.extend(self.captions(state, inputs, sources))
-        refs = list(references)[:len(preds)]
-        scores = text_metrics.caption_scores(preds, refs, metrics=tuple(self.config.eval.metrics))
-        for k, v in scores.items():
-          if isinstance(v, (int, float)):
-            out[f'{name}/{k}'] = float(v)
-    emb = {}
-    for inputs, _ in self._batches(batch, size):
-      for m, s in self._embed(eval_params(state), inputs).items():
-        emb.setdefault(m, []).append(np.asarray(s))
-    emb = {m: np.concatenate(v) for m, v in emb.items()}
-    for m in ('text', 'audio'):
-      if m in emb:
-        r = semantic.retrieval_recall(emb[m], emb['image'], ks=(1,))
-        for k, v in r.items():
-          out[f'retrieval/{m}_to_image/{k}'] = float(v)
+    for p in plugins:
+      out.update(p.result())
+    out['num_examples'] = float(seen)
     return out

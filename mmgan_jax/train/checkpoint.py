@@ -26,6 +26,9 @@ class Checkpointer:
                                            create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
 
+  def all_steps(self) -> list[int]:
+    return sorted(int(x) for x in self.manager.all_steps())
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 

@@ -75,7 +75,8 @@ class Setup:
   start_step: int
 
 
-def setup(config, workdir: str | None, *, devices=None) -> Setup:
+def setup(config, workdir: str | None, *, devices=None, restore_step: int | None = None) -> Setup:
+  """Builds data, model, mesh, sharded state and steps; restores the latest (or `restore_step`) checkpoint."""
   data = registry.make_data(config.data, process_index=jax.process_index(), process_count=jax.process_count())
   model = mmgan.build_model(config.model, image_size=config.data.image_size,
                             vocab_size=data.text_codec.vocab_size, max_text_len=config.data.max_text_len,
@@ -100,7 +101,10 @@ def setup(config, workdir: str | None, *, devices=None) -> Setup:
   start_step = 0
   if workdir:
     checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_checkpoints)
-    restored = checkpointer.restore(ckpt_lib.abstract_with_shardings(abstract, shardings))
+    if restore_step is not None and restore_step not in checkpointer.all_steps():
+      raise FileNotFoundError(f'no checkpoint for step {restore_step} in {checkpointer.directory}; '
+                              f'saved steps: {checkpointer.all_steps() or "none"}.')
+    restored = checkpointer.restore(ckpt_lib.abstract_with_shardings(abstract, shardings), step=restore_step)
     if restored is not None:
       state, data_state = restored
       if data_state:
@@ -179,6 +183,48 @@ def write_samples(s: Setup, writer, evaluator: Evaluator, state, step: int) -> N
                         sample_rate=s.data.sample_rate)
 
 
+def make_evaluator(s: Setup, workdir: str | None, num_examples: int | None = None) -> Evaluator:
+  """The configured plug-in evaluator; real-set FID features are cached under workdir/eval/cache."""
+  cache = s.config.eval.fid.cache_dir or (os.path.join(workdir, 'eval', 'cache') if workdir else None)
+  n = int(s.config.eval.num_examples if num_examples is None else num_examples)
+  if n > s.data.num_eval:
+    raise ValueError(f'config.eval.num_examples={n} is more than the held-out split holds '
+                     f'(config.data.num_eval={s.data.num_eval}).')
+  return Evaluator(s.model, s.config, s.data.text_codec, seed=s.config.seed, cache_dir=cache, num_examples=n)
+
+
+def evaluate(s: Setup, evaluator: Evaluator, state) -> dict[str, float]:
+  """Scores `state` on the first evaluator.num_examples held-out examples, streamed in eval batches."""
+  return evaluator.evaluate(state, s.data.eval_batches(evaluator.batch_size, evaluator.num_examples))
+
+
+def evaluate_checkpoint(config, workdir: str, *, step: int | None = None, num_examples: int | None = None,
+                        out_dir: str | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+  """Evaluates the latest (or `step`) checkpoint in `workdir` with EMA weights; writes metrics.json/.md.
+
+  Returns (metrics, protocol). Files go to `out_dir` (default workdir/eval), written by process 0.
+  """
+  from mmgan_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  _hide_accelerators_from_tf()
+  maybe_initialize_distributed()
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise FileNotFoundError(f'no checkpoints in {workdir}: train first (launch/train.py --workdir={workdir}).')
+  s = setup(config, workdir, restore_step=step)
+  if s.checkpointer is None or s.checkpointer.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint to evaluate in {workdir}/checkpoints.')
+  evaluator = make_evaluator(s, workdir, num_examples)
+  at = int(jax.device_get(s.state.step))
+  t0 = time.time()
+  with jax.set_mesh(s.mesh):
+    metrics = evaluate(s, evaluator, s.state)
+  metrics['eval_seconds'] = time.time() - t0
+  s.checkpointer.close()
+  proto = report.protocol(config, step=at, num_examples=evaluator.num_examples)
+  if jax.process_index() == 0:
+    report.write(out_dir or os.path.join(workdir, 'eval'), metrics, proto)
+  return metrics, proto
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if a checkpoint is there) and returns the final evaluation."""
   _hide_accelerators_from_tf()
@@ -191,7 +237,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if s.start_step == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
     log.info('Parameters:\n%s', parameter_overview.get_parameter_overview(s.state.params, include_stats=False))
-  evaluator = Evaluator(s.model, config, s.data.text_codec, seed=config.seed)
+  evaluator = make_evaluator(s, workdir)
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                              every_steps=config.log_every)
   preemption = _Preemption()
@@ -227,12 +273,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           s.checkpointer.close() if s.checkpointer else None
           return {}
         if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
-          writer.write_scalars(step, {f'eval/{k}': v for k, v in
-                                      evaluator.evaluate(state, s.data.eval_batch, s.data.eval_references).items()})
+          writer.write_scalars(step, {f'eval/{k}': v for k, v in evaluate(s, evaluator, state).items()})
       if s.checkpointer and s.checkpointer.latest_step() != step:
         s.checkpointer.save(step, state, s.data.train.get_state(), force=True)
       write_samples(s, writer, evaluator, state, step)
-      results = evaluator.evaluate(state, s.data.eval_batch, s.data.eval_references)
+      results = evaluate(s, evaluator, state)
   finally:
     preemption.restore()
     if s.checkpointer:

@@ -1,0 +1,46 @@
+r"""Evaluates a trained checkpoint (EMA weights) with the evaluators the config names.
+
+  python launch/evaluate.py --config=configs/shapes.py --workdir=runs/shapes
+  python launch/evaluate.py --config=configs/shapes.py --workdir=runs/shapes --step=750 --num_examples=10000 \
+      --config.eval.evaluators="('semantic','fid','retrieval')" --config.eval.fid.weights=PATH/inception.npz
+
+Writes WORKDIR/eval/metrics.json and WORKDIR/eval/metrics.md (the numbers plus N, resolution, refinement
+steps, seed and checkpoint step). Real-set FID features are cached in WORKDIR/eval/cache. Use the config the
+run was trained with. A missing checkpoint, weights file or a bad config value stops with one line saying what
+to do (exit status 2).
+"""
+
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `configs.*`
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:variant]).', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The training run directory (holds checkpoints/).')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
+_NUM = flags.DEFINE_integer('num_examples', None, 'Held-out examples to score (default: config.eval.num_examples).')
+_OUT = flags.DEFINE_string('out_dir', None, 'Where metrics.json/.md go (default: WORKDIR/eval).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  from mmgan_jax.data.registry import DatasetUnavailableError  # pylint: disable=g-import-not-at-top
+  from mmgan_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  from mmgan_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    metrics, proto = trainer.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, step=_STEP.value,
+                                                 num_examples=_NUM.value, out_dir=_OUT.value)
+  except (DatasetUnavailableError, FileNotFoundError, ValueError, RuntimeError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(report.markdown(metrics, proto))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -10,11 +10,43 @@ can be resumed on a different number of hosts as long as the global batch is unc
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in the workdir can be read."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """The checkpoint's arrays do not match the model the config builds."""
+
+
+def _shapes(tree: Any) -> dict[str, str]:
+  """{'params/generator/...': 'float32[3, 4]'} for every array-like leaf (paths as plain names)."""
+  def name(entry) -> str:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
+    return str(entry)
+
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype'):
+      try:
+        dtype = np.dtype(leaf.dtype).name
+      except TypeError:  # e.g. typed PRNG keys
+        dtype = str(leaf.dtype)
+      out['/'.join(name(e) for e in path)] = f'{dtype}{list(leaf.shape)}'
+  return out
 
 
 class Checkpointer:
@@ -36,14 +68,57 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))
     return self.manager.save(step, args=args, force=force)
 
+  def mismatches(self, step: int, abstract_state: Any) -> list[str]:
+    """Differences between the arrays saved at `step` and `abstract_state`: missing, unexpected, reshaped."""
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), 'state'))
+    saved = _shapes(getattr(meta, 'item_metadata', meta))
+    if not saved:
+      raise CheckpointError(f'step {step} has no readable array metadata')
+    wanted = _shapes(abstract_state)
+    problems = [f'  {k}: in the config {wanted[k]}, not in the checkpoint' for k in sorted(wanted.keys() - saved.keys())]
+    problems += [f'  {k}: in the checkpoint {saved[k]}, not in the config' for k in sorted(saved.keys() - wanted.keys())]
+    problems += [f'  {k}: checkpoint {saved[k]} vs config {wanted[k]}' for k in sorted(wanted.keys() & saved.keys())
+                 if saved[k] != wanted[k]]
+    return problems
+
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict] | None:
-    """Restores onto `abstract_state` (a tree of jax.ShapeDtypeStruct with shardings); None if no checkpoint."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+    """Restores onto `abstract_state` (a tree of jax.ShapeDtypeStruct with shardings); None if no checkpoint.
+
+    Without `step`, the newest readable checkpoint wins: an unreadable one (a truncated or half-written file)
+    is skipped with a warning and the previous one is tried. A checkpoint whose arrays do not match
+    `abstract_state` (resumed with another model config) raises CheckpointMismatchError listing the
+    differences; nothing is ever partially loaded.
+    """
+    steps = self.all_steps()[::-1] if step is None else [step]
+    if not steps:
       return None
-    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                             data=ocp.args.JsonRestore()))
-    return out['state'], dict(out['data'] or {})
+    failures = []
+    for s in steps:
+      try:
+        problems = self.mismatches(s, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except  # unreadable metadata: a damaged checkpoint
+        problems, damaged = None, e
+      if problems:
+        shown = '\n'.join(problems[:40]) + (f'\n  ... and {len(problems) - 40} more' if len(problems) > 40 else '')
+        raise CheckpointMismatchError(
+            f'the checkpoint at step {s} in {self.directory} does not match this config ({len(problems)} '
+            f'arrays differ); resume with the config it was trained with, or use a new workdir:\n{shown}')
+      if problems is not None:
+        try:
+          out = self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                data=ocp.args.JsonRestore()))
+          if failures:
+            log.warning('Resumed from step %d instead of the newer, unreadable checkpoint(s) %s.', s,
+                        [f for f, _ in failures])
+          return out['state'], dict(out['data'] or {})
+        except Exception as e:  # pylint: disable=broad-except
+          damaged = e
+      log.warning('Checkpoint step %d in %s is unreadable (%s: %s); trying the previous one.', s, self.directory,
+                  type(damaged).__name__, str(damaged)[:300])
+      failures.append((s, damaged))
+    raise CheckpointError(f'no readable checkpoint in {self.directory} (tried steps {[f for f, _ in failures]}); '
+                          f'the last error was {type(failures[-1][1]).__name__}: {str(failures[-1][1])[:300]}. '
+                          'Move the damaged step directories away, or start in a new workdir.')
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -142,3 +142,12 @@ def test_report_states_the_protocol(tmp_path):
     assert needle in text, needle
   import json  # pylint: disable=g-import-not-at-top
   assert json.load(open(js))['protocol']['num_examples'] == 12
+
+
+def test_evaluators_that_do_not_apply_are_left_out(smoke, caplog):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  no_text = dataclasses.replace(smoke.model, text_decoder=None, modalities=('image', 'audio'))
+  plugins = ev.make_plugins(no_text, smoke_config(), num_examples=8)
+  assert [p.name for p in plugins] == ['semantic', 'retrieval']
+  assert any("'captions' left out" in r.getMessage() for r in caplog.records)
+  assert plugins[1].modalities == ('audio',)

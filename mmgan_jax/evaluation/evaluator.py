@@ -57,6 +57,9 @@ def eval_params(state) -> dict[str, Any]:
 class Plugin:
   """One evaluator: says what it needs, accumulates it chunk by chunk, and returns flat metrics.
 
+  `skip_reason(ctx)` returns why the plug-in does not apply to this model (it is then left out with a
+  warning, e.g. captions for a model without text); a plug-in that applies but is misconfigured raises.
+
   Attributes a subclass sets: `generated` ((setting, stage) pairs whose samples it needs), `caption_settings`,
   `needs_real` (real images), `needs_embeddings` (the shared-space vectors of every modality).
   """
@@ -65,6 +68,10 @@ class Plugin:
   caption_settings: tuple[str, ...] = ()
   needs_real = False
   needs_embeddings = False
+
+  @staticmethod
+  def skip_reason(ctx: 'Context') -> str | None:  # pylint: disable=unused-argument
+    return None
 
   def start(self) -> None:
     """Clears the running state before a pass."""
@@ -124,9 +131,13 @@ class CaptionPlugin(Plugin):
   """COCO-protocol caption scores per captioning setting."""
   name = 'captions'
 
-  def __init__(self, ctx: 'Context'):
+  @staticmethod
+  def skip_reason(ctx: 'Context') -> str | None:
     if ctx.model.text_decoder is None:
-      raise ValueError("evaluator 'captions' needs the text decoder (config.model.text_decoder).")
+      return 'the model has no text decoder (no text modality)'
+    return None
+
+  def __init__(self, ctx: 'Context'):
     self.metrics = tuple(ctx.config.eval.metrics)
     unknown = set(self.metrics) - set(text_metrics.ALL_METRICS)
     if unknown:
@@ -283,7 +294,14 @@ def make_plugins(model, config, *, num_examples: int, cache_dir: str | None = No
   if len(set(names)) != len(names):
     raise ValueError(f'config.eval.evaluators names an evaluator twice: {names}.')
   ctx = Context(model, config, num_examples, cache_dir)
-  return [EVALUATORS[n](ctx) for n in names]
+  plugins = []
+  for n in names:
+    reason = EVALUATORS[n].skip_reason(ctx)
+    if reason:
+      log.warning("Evaluator '%s' left out: %s.", n, reason)
+    else:
+      plugins.append(EVALUATORS[n](ctx))
+  return plugins
 
 
 def _pad(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from typing import Any
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from mmgan_jax import config_validation
 from mmgan_jax.data import registry
 from mmgan_jax.evaluation.evaluator import Evaluator
 from mmgan_jax.models import mmgan
@@ -30,6 +32,32 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
   """Training produced NaN/Inf losses or gradients for too many consecutive steps."""
+
+
+class WorkdirError(RuntimeError):
+  """The workdir cannot be created or written, or has no room for the checkpoints."""
+
+
+def check_workdir(workdir: str, need_bytes: int = 0) -> None:
+  """Creates `workdir` and checks it takes a file and has `need_bytes` free; WorkdirError otherwise."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test_{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f'workdir {workdir} cannot be written ({e.strerror or e}); pass another --workdir.') from e
+  free = shutil.disk_usage(workdir).free
+  if free < need_bytes:
+    raise WorkdirError(f'workdir {workdir} has {free / 2**20:.0f} MiB free, but its checkpoints need about '
+                       f'{need_bytes / 2**20:.0f} MiB; free some space, lower --config.max_checkpoints, or pass '
+                       'another --workdir.')
+
+
+def checkpoint_bytes(config, state) -> int:
+  """Disk space the kept checkpoints need: (max_checkpoints + 1) train states (one being written)."""
+  return (int(config.max_checkpoints) + 1) * sum(int(x.nbytes) for x in jax.tree.leaves(state))
 
 
 def maybe_initialize_distributed() -> None:
@@ -77,6 +105,7 @@ class Setup:
 
 def setup(config, workdir: str | None, *, devices=None, restore_step: int | None = None) -> Setup:
   """Builds data, model, mesh, sharded state and steps; restores the latest (or `restore_step`) checkpoint."""
+  config_validation.validate(config, num_devices=len(devices) if devices is not None else jax.device_count())
   data = registry.make_data(config.data, process_index=jax.process_index(), process_count=jax.process_count())
   model = mmgan.build_model(config.model, image_size=config.data.image_size,
                             vocab_size=data.text_codec.vocab_size, max_text_len=config.data.max_text_len,
@@ -225,14 +254,18 @@ def evaluate_checkpoint(config, workdir: str, *, step: int | None = None, num_ex
   return metrics, proto
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir` (resuming if a checkpoint is there) and returns the final evaluation."""
+def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming if a checkpoint is there) and returns the final evaluation.
+
+  `devices` (default: all) is what the mesh is built from.
+  """
   _hide_accelerators_from_tf()
   from clu import metric_writers, parameter_overview, periodic_actions  # pylint: disable=g-import-not-at-top
 
   maybe_initialize_distributed()
-  os.makedirs(workdir, exist_ok=True)
-  s = setup(config, workdir)
+  check_workdir(workdir)
+  s = setup(config, workdir, devices=devices)
+  check_workdir(workdir, checkpoint_bytes(config, s.state))
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if s.start_step == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})

@@ -1,0 +1,87 @@
+"""The host-side NaN stop, and workdir problems caught before training."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import shapes as shapes_config
+from mmgan_jax.train import checkpoint as ckpt_lib
+from mmgan_jax.train import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(**overrides):
+  c = shapes_config.get_config('smoke')
+  c.mesh.shape = (1, 1, 1)
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def test_nan_batches_stop_training_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+  """From iteration 4 on every batch is NaN: updates are skipped, training stops with a clear error after
+  max_nonfinite_steps, and every checkpoint (params, EMA, optimizer) is finite and equal to the last good one."""
+  config = smoke_config(**{'total_steps': 20, 'checkpoint_every': 1, 'log_every': 1, 'sample_every': 0,
+                           'max_nonfinite_steps': 4, 'max_checkpoints': 20, 'eval.evaluators': ('retrieval',)})
+  real_next = trainer.next_batch
+  served = []
+
+  def poisoned(s):
+    batch = real_next(s)
+    served.append(1)
+    return dict(batch, image=batch['image'] * jnp.nan) if len(served) > 3 else batch
+
+  monkeypatch.setattr(trainer, 'next_batch', poisoned)
+  with pytest.raises(trainer.NonFiniteError, match='consecutive') as e:
+    trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+  assert 'last good checkpoint' in str(e.value)
+  assert len(served) < 20  # it stopped early
+
+  s = trainer.setup(config, None, devices=jax.devices()[:1])
+  abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: s.state), s.state_shardings)
+  ck = ckpt_lib.Checkpointer(str(tmp_path))
+  steps = ck.all_steps()
+  assert steps[0] == 1 and steps[-1] >= 4
+  good, _ = ck.restore(abstract, step=3)
+  good = jax.device_get(good)
+  for step in steps[3:]:
+    bad, _ = ck.restore(abstract, step=step)
+    bad = jax.device_get(bad)
+    for name in ('params', 'ema', 'opt_g', 'opt_d'):
+      for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(getattr(good, name))[0],
+                              jax.tree.leaves(getattr(bad, name))):
+        assert np.all(np.isfinite(np.asarray(b, np.float64))), f'step {step} {name}{jax.tree_util.keystr(path)}'
+        np.testing.assert_array_equal(a, b, err_msg=f'step {step} {name}{jax.tree_util.keystr(path)}')
+    assert float(bad.adaptive['nonfinite']) > 0  # the skips were counted
+  ck.close()
+
+
+def test_unwritable_or_full_workdir_is_refused_before_training(tmp_path, monkeypatch):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  with pytest.raises(trainer.WorkdirError, match='cannot be written'):
+    trainer.check_workdir(str(blocker / 'run'))
+  monkeypatch.setattr(trainer.shutil, 'disk_usage', lambda p: type('U', (), {'free': 10 * 2**20})())
+  with pytest.raises(trainer.WorkdirError, match='10 MiB free'):
+    trainer.check_workdir(str(tmp_path / 'run'), need_bytes=2**30)
+  trainer.check_workdir(str(tmp_path / 'run'), need_bytes=2**20)  # enough room: fine
+
+
+def test_launcher_reports_a_bad_workdir_in_one_line(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('x')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.run([sys.executable, 'launch/train.py', '--config=configs/shapes.py:smoke',
+                         f'--workdir={blocker}/run'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'cannot be written' in proc.stderr and 'Traceback' not in proc.stderr

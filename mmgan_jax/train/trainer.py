@@ -263,22 +263,26 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   from clu import metric_writers, parameter_overview, periodic_actions  # pylint: disable=g-import-not-at-top
 
   maybe_initialize_distributed()
-  check_workdir(workdir)
-  s = setup(config, workdir, devices=devices)
-  check_workdir(workdir, checkpoint_bytes(config, s.state))
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  if s.start_step == 0:
-    writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
-    log.info('Parameters:\n%s', parameter_overview.get_parameter_overview(s.state.params, include_stats=False))
-  evaluator = make_evaluator(s, workdir)
-  progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
-                                             every_steps=config.log_every)
-  preemption = _Preemption()
-  state = s.state
-  history: list[dict[str, jax.Array]] = []
-  step = s.start_step
-  t0 = time.time()
+  preemption = _Preemption()  # first, so a SIGTERM during set-up is honoured too
+  s = None
   try:
+    check_workdir(workdir)
+    s = setup(config, workdir, devices=devices)
+    check_workdir(workdir, checkpoint_bytes(config, s.state))
+    if preemption.requested:
+      log.warning('SIGTERM during set-up: exiting before the first step (nothing new to save).')
+      return {}
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    if s.start_step == 0:
+      writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
+      log.info('Parameters:\n%s', parameter_overview.get_parameter_overview(s.state.params, include_stats=False))
+    evaluator = make_evaluator(s, workdir)
+    progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
+                                               every_steps=config.log_every)
+    state = s.state
+    history: list[dict[str, jax.Array]] = []
+    step = s.start_step
+    t0 = time.time()
     with jax.set_mesh(s.mesh):
       while step < config.total_steps:
         batch = next_batch(s)
@@ -299,21 +303,24 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
                 '--config.optim.grad_clip; the last good checkpoint is in the workdir.')
         if config.sample_every and step % config.sample_every == 0:
           write_samples(s, writer, evaluator, state, step)
-        if s.checkpointer and (step % config.checkpoint_every == 0 or preemption.requested):
+        saved = bool(s.checkpointer) and (step % config.checkpoint_every == 0 or preemption.requested)
+        if saved:
           s.checkpointer.save(step, state, s.data.train.get_state(), force=preemption.requested)
-        if preemption.requested:
-          log.warning('SIGTERM: checkpoint written at step %d; exiting.', step)
-          s.checkpointer.close() if s.checkpointer else None
-          return {}
-        if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+        if (config.eval_every and step % config.eval_every == 0 and step < config.total_steps
+            and not preemption.requested):
           writer.write_scalars(step, {f'eval/{k}': v for k, v in evaluate(s, evaluator, state).items()})
+        if preemption.requested:  # (it may have arrived during the evaluation)
+          if s.checkpointer and not saved:
+            s.checkpointer.save(step, state, s.data.train.get_state(), force=True)
+          log.warning('SIGTERM: checkpoint written at step %d; exiting.', step)
+          return {}
       if s.checkpointer and s.checkpointer.latest_step() != step:
         s.checkpointer.save(step, state, s.data.train.get_state(), force=True)
       write_samples(s, writer, evaluator, state, step)
       results = evaluate(s, evaluator, state)
   finally:
     preemption.restore()
-    if s.checkpointer:
+    if s is not None and s.checkpointer:
       s.checkpointer.close()
   train_seconds = time.time() - t0
   results['train_seconds'] = train_seconds

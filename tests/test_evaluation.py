@@ -134,8 +134,15 @@ def test_retrieval_recall():
   for k in (1, 3, 10):
     assert out[f'R@{k}'] == np.mean(rank <= k)
   assert 0.0 < out['R@1'] < out['R@10'] < 1.0
-  # Degenerate (all-equal) embeddings score no hit instead of a perfect one; NaNs are misses.
-  assert semantic.retrieval_recall(np.ones((5, 3)), np.ones((5, 3)), ks=(1,))['R@1'] == 0.0
+  # Ties are broken at random in expectation: degenerate (all-equal) embeddings score k/N, not 1; duplicated
+  # keys (two examples with the same caption) share the hit.
+  flat = semantic.retrieval_recall(np.ones((5, 3)), np.ones((5, 3)), ks=(1, 2, 5))
+  assert flat == {'R@1': 0.2, 'R@2': 0.4, 'R@5': 1.0, 'median_rank': 3.0}
+  dup_keys = q.copy()
+  dup_keys[1] = dup_keys[0]  # keys 0 and 1 identical; query 0 and 1 both point at that direction
+  dup = semantic.retrieval_recall(dup_keys, dup_keys, ks=(1, 2))
+  assert dup['R@1'] == pytest.approx((38 + 0.5 + 0.5) / 40) and dup['R@2'] == 1.0
+  # NaNs are misses.
   q_nan = q.copy()
   q_nan[0] = np.nan
   assert semantic.retrieval_recall(q_nan, q, ks=(1,))['R@1'] == 39 / 40

@@ -47,8 +47,11 @@ def semantic_accuracy(images: Array, attributes: Array, image_size: int | None =
 def retrieval_recall(query: Array, keys: Array, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
   """Cosine-similarity retrieval recall: query i's only correct key is keys[i].
 
-  Ties are counted against the query (a key scoring exactly as high as the true key ranks before it), so
-  degenerate embeddings (all equal) score 0 for every k < N, not 1; a NaN query or true key is a miss.
+  Ties are broken at random, in expectation: with g other keys scoring strictly higher than the true key and
+  e other keys scoring exactly as high, the true key's rank is uniform on g+1 .. g+e+1, so its hit at k
+  counts clip((k - g) / (e + 1), 0, 1). Exact duplicates among the keys (e.g. identical captions of two
+  examples with the same attributes) then score like any other indistinguishable items, degenerate
+  embeddings (all equal) score k/N instead of a perfect 1, and a NaN query or true key is a miss.
 
   Args:
     query: (N, D) embeddings (not necessarily normalised).
@@ -56,7 +59,8 @@ def retrieval_recall(query: Array, keys: Array, ks: Sequence[int] = (1, 5)) -> d
     ks: cut-offs k >= 1.
 
   Returns:
-    {'R@k': share of queries whose true key ranks in the top k, ...} and 'median_rank' (1-based).
+    {'R@k': expected share of queries whose true key ranks in the top k, ...} and 'median_rank' (1-based,
+    the median of the expected ranks g + e/2 + 1).
   """
   q = np.asarray(query, dtype=np.float64)
   k_ = np.asarray(keys, dtype=np.float64)
@@ -67,15 +71,18 @@ def retrieval_recall(query: Array, keys: Array, ks: Sequence[int] = (1, 5)) -> d
   q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
   k_ = k_ / np.maximum(np.linalg.norm(k_, axis=1, keepdims=True), 1e-12)
   n = q.shape[0]
-  ranks = np.empty((n,), np.int64)
+  higher = np.empty((n,), np.float64)
+  ties = np.empty((n,), np.float64)
   for start in range(0, n, _CHUNK):
     stop = min(start + _CHUNK, n)
     sim = q[start:stop] @ k_.T
     rows = np.arange(stop - start)
     true = sim[rows, np.arange(start, stop)]
-    # 1-based rank: 1 + number of OTHER keys at least as similar as the true one.
-    rank = (sim >= true[:, None]).sum(axis=1)
-    ranks[start:stop] = np.where(np.isfinite(true), rank, n)  # a NaN embedding is a miss, not a hit
-  out = {f'R@{int(k)}': float(np.mean(ranks <= int(k))) for k in ks}
-  out['median_rank'] = float(np.median(ranks))
+    g = (sim > true[:, None]).sum(axis=1)
+    e = (sim == true[:, None]).sum(axis=1) - 1  # other keys exactly as similar as the true one
+    miss = ~np.isfinite(true)  # a NaN embedding is a miss, not a hit
+    higher[start:stop] = np.where(miss, n, g)
+    ties[start:stop] = np.where(miss, 0, e)
+  out = {f'R@{int(k)}': float(np.mean(np.clip((int(k) - higher) / (ties + 1.0), 0.0, 1.0))) for k in ks}
+  out['median_rank'] = float(np.median(higher + ties / 2.0 + 1.0))
   return out

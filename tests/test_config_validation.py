@@ -15,6 +15,7 @@ import jax
 import pytest
 
 from configs import coco, shapes, vggsound
+from helpers import override
 from mmgan_jax import config_validation as cv
 from mmgan_jax.data import tokenizer
 from mmgan_jax.models import mmgan
@@ -25,14 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def smoke(**overrides):
   """The smoke config with dotted-path overrides ('model.refiner.num_heads': 3)."""
-  c = shapes.get_config('smoke')
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split('.')
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return c
+  return override(shapes.get_config('smoke'), **overrides)
 
 
 def problems_of(config, num_devices=1):

@@ -6,23 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from configs import shapes as shapes_config
+import helpers
 from mmgan_jax.evaluation import evaluator as ev
 from mmgan_jax.evaluation import report
 from mmgan_jax.train import trainer
 
 
 def smoke_config(**overrides):
-  c = shapes_config.get_config('smoke')
-  c.mesh.shape = (1, 1, 1)
-  c.data.num_eval = 64
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return helpers.smoke_config(**{'data.num_eval': 64, **overrides})
 
 
 @pytest.fixture(scope='module')

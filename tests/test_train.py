@@ -9,24 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import shapes as shapes_config
+from helpers import smoke_config
 from mmgan_jax.models import mmgan
 from mmgan_jax.train import checkpoint as ckpt_lib
 from mmgan_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def smoke_config(**overrides):
-  c = shapes_config.get_config('smoke')
-  c.mesh.shape = (1, 1, 1)
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
 
 
 def one_device_setup(config, workdir=None):

@@ -26,11 +26,12 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   from mmgan_jax.data.registry import DatasetUnavailableError  # pylint: disable=g-import-not-at-top
   from mmgan_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from mmgan_jax.data.records import DataError  # pylint: disable=g-import-not-at-top
   from mmgan_jax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   try:
     results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (DatasetUnavailableError, FileNotFoundError, ValueError, trainer.NonFiniteError, trainer.WorkdirError,
-          CheckpointError) as e:
+          CheckpointError, DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   if not results:

@@ -265,6 +265,7 @@ def test_launcher_smoke_end_to_end(tmp_path):
   for step in (3, 6):
     assert (step, 'eval/retrieval/text_to_image/R@1') in logged, sorted(t for t in logged if t[0] == step)
     assert (step, 'eval/text_to_image/refined/mean') in logged
+  assert (6, 'data/bad_records') in logged  # the skipped-record count is a summary
   import json  # pylint: disable=g-import-not-at-top
   results = json.loads((workdir / 'eval_results.json').read_text())
   assert 'text_to_image/refined/mean' in results and 'image_to_text/BLEU-4' in results

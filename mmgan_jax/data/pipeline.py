@@ -23,7 +23,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from mmgan_jax.data import shapes
+from mmgan_jax.data import records, shapes
 from mmgan_jax.data.tokenizer import TextCodec
 
 BATCH_KEYS = ('image', 'text_ids', 'text_mask', 'audio', 'attributes')
@@ -93,14 +93,22 @@ def local_batch_size(global_batch: int, process_count: int) -> int:
 def make_shapes_map_dataset(spec: shapes.ShapesSpec, *, split: str, seed: int, num_examples: int,
                             global_batch: int, text_codec: TextCodec, max_text_len: int,
                             process_index: int = 0, process_count: int = 1, shuffle: bool = True,
-                            repeat: bool = True, random_caption: bool = True) -> grain.MapDataset:
-  """The batched ``MapDataset`` behind ``make_shapes_dataset`` (random access by batch index)."""
+                            repeat: bool = True, random_caption: bool = True,
+                            bad_records: records.RecordCounter | None = None) -> grain.MapDataset:
+  """The batched ``MapDataset`` behind ``make_shapes_dataset`` (random access by batch index).
+
+  Records that fail ``records.check_shapes_record`` (or raise when read) are skipped and counted in
+  `bad_records` (see ``records.SkipBadRecords``).
+  """
   local = local_batch_size(global_batch, process_count)
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} must lie in [0, {process_count}).')
   if num_examples < process_count:
     raise ValueError(f'num_examples={num_examples} is smaller than process_count={process_count}.')
-  ds = grain.MapDataset.source(shapes.ShapesSource(spec, seed, split, num_examples))
+  source = records.SkipBadRecords(shapes.ShapesSource(spec, seed, split, num_examples),
+                                  records.check_shapes_record(spec.image_size, spec.num_samples),
+                                  bad_records if bad_records is not None else records.RecordCounter())
+  ds = grain.MapDataset.source(source)
   ds = ds[process_index::process_count]
   if shuffle:
     ds = ds.shuffle(seed=_derived_seed(seed, 1))
@@ -117,7 +125,8 @@ def make_shapes_dataset(spec: shapes.ShapesSpec, *, split: str, seed: int, num_e
                         global_batch: int, text_codec: TextCodec, max_text_len: int,
                         process_index: int = 0, process_count: int = 1, shuffle: bool = True,
                         repeat: bool = True, num_threads: int = 2, prefetch_buffer_size: int | None = None,
-                        random_caption: bool = True) -> grain.IterDataset:
+                        random_caption: bool = True,
+                        bad_records: records.RecordCounter | None = None) -> grain.IterDataset:
   """Per-process batches of the shapes dataset.
 
   Each element is a dict of numpy arrays with local batch b = global_batch // process_count:
@@ -137,11 +146,12 @@ def make_shapes_dataset(spec: shapes.ShapesSpec, *, split: str, seed: int, num_e
     num_threads: grain read threads (batches are built concurrently).
     prefetch_buffer_size: grain prefetch buffer in batches (default 2 * num_threads, at least 1).
     random_caption: pick one of the captions at random per example and epoch (else the canonical one).
+    bad_records: counts the records skipped because they could not be read or failed their checks.
   """
   ds = make_shapes_map_dataset(spec, split=split, seed=seed, num_examples=num_examples,
                                global_batch=global_batch, text_codec=text_codec, max_text_len=max_text_len,
                                process_index=process_index, process_count=process_count, shuffle=shuffle,
-                               repeat=repeat, random_caption=random_caption)
+                               repeat=repeat, random_caption=random_caption, bad_records=bad_records)
   if prefetch_buffer_size is None:
     prefetch_buffer_size = max(1, 2 * num_threads)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mmgan_jax.data import pipeline, shapes, tokenizer
+from mmgan_jax.data import pipeline, records, shapes, tokenizer
 
 REAL_DATASETS = {
     'coco': ('COCO Captions (TFDS coco_captions, Karpathy splits)',
@@ -45,6 +45,7 @@ class Data:
   eval_references: list[list[str]]
   eval_batches: EvalBatches
   num_eval: int  # size of the held-out split
+  bad_records: records.RecordCounter  # training records skipped (unreadable or failing their checks)
   text_codec: tokenizer.TextCodec
   sample_rate: int
   audio_samples: int
@@ -68,10 +69,12 @@ def make_data(cfg, *, process_index: int = 0, process_count: int = 1, seed_offse
     raise DatasetUnavailableError(f'unknown dataset {name!r}; known: shapes, {", ".join(REAL_DATASETS)}.')
   spec = shapes_spec(cfg)
   codec = tokenizer.shapes_text_codec()
+  bad_records = records.RecordCounter()
   train = pipeline.make_shapes_dataset(
       spec, split='train', seed=cfg.seed + seed_offset, num_examples=cfg.num_train,
       global_batch=cfg.global_batch, text_codec=codec, max_text_len=cfg.max_text_len,
-      process_index=process_index, process_count=process_count, num_threads=cfg.num_threads)
+      process_index=process_index, process_count=process_count, num_threads=cfg.num_threads,
+      bad_records=bad_records)
   num_eval = int(cfg.num_eval)
   if num_eval <= 0:
     raise ValueError(f'config.data.num_eval must be positive, got {num_eval}.')
@@ -89,4 +92,4 @@ def make_data(cfg, *, process_index: int = 0, process_count: int = 1, seed_offse
 
   eval_batch, refs = next(eval_batches(min(GRID_EXAMPLES, num_eval), min(GRID_EXAMPLES, num_eval)))
   return Data(train=iter(train), eval_batch=eval_batch, eval_references=refs, eval_batches=eval_batches,
-              num_eval=num_eval, text_codec=codec, sample_rate=spec.sample_rate, audio_samples=spec.num_samples)
+              num_eval=num_eval, bad_records=bad_records, text_codec=codec, sample_rate=spec.sample_rate, audio_samples=spec.num_samples)

@@ -295,6 +295,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
           scalars = _mean_metrics(history)
           history.clear()
           scalars['steps_per_sec_wall'] = (step - s.start_step) / max(time.time() - t0, 1e-9)
+          scalars['data/bad_records'] = float(s.data.bad_records.count)  # skipped since this process started
           writer.write_scalars(step, scalars)
           if streak >= config.max_nonfinite_steps:
             raise NonFiniteError(

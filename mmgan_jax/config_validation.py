@@ -37,6 +37,7 @@ from typing import Any
 from mmgan_jax.data import registry
 from mmgan_jax.models import codec as codec_lib
 from mmgan_jax.models import diffusion, fusion, generator, mmgan
+from mmgan_jax.train import sharding
 from mmgan_jax.train import state as state_lib
 
 _MISSING = object()
@@ -370,24 +371,12 @@ def _mesh(p: _Checker, num_devices: int) -> dict[str, int] | None:
           'devices).')
     return None
   shape, axes = tuple(int(s) for s in shape), tuple(axes)
-  if len(shape) != len(axes):
-    p.add('mesh.shape', shape, f'has {len(shape)} entries but config.mesh.axes={axes} has {len(axes)}; allowed: '
-          f'one size per axis ({len(axes)} entries).')
-    return None
-  if shape.count(-1) > 1:
-    p.add('mesh.shape', shape, 'has more than one -1; allowed: at most one -1 (it takes the remaining devices).')
-    return None
-  known = math.prod(s for s in shape if s != -1)
-  resolved = shape
-  if -1 in shape:
-    if num_devices % known:
-      p.add('mesh.shape', shape, f'the fixed axes need a multiple of {known} devices, found {num_devices}; '
-            f'allowed: fixed sizes whose product divides {num_devices}.')
-      return None
-    resolved = tuple(num_devices // known if s == -1 else s for s in shape)
-  elif known != num_devices:
-    p.add('mesh.shape', shape, f'needs {known} devices, found {num_devices}; allowed: sizes whose product is '
-          f'{num_devices}, e.g. {(num_devices,) + (1,) * (len(shape) - 1)} or a -1 entry.')
+  try:
+    resolved = sharding.resolve_mesh_shape(shape, axes, num_devices)
+  except ValueError as e:
+    p.add('mesh.shape', shape, str(e))
+    # A fully specified shape with the wrong device count still says which batch axes the config means.
+    return dict(zip(axes, shape)) if len(shape) == len(axes) and -1 not in shape else None
   return dict(zip(axes, resolved))
 
 

@@ -220,6 +220,7 @@ class FIDPlugin(Plugin):
       name = f'real_{ctx.config.data.name}_{ctx.num_examples}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz'
       self.cache_path = os.path.join(ctx.cache_dir, name)
     self._real_cached = None
+    self._real_stats = None
     if self.cache_path and os.path.exists(self.cache_path):
       with np.load(self.cache_path, allow_pickle=False) as z:
         self._real_cached = np.asarray(z['features'])
@@ -239,15 +240,18 @@ class FIDPlugin(Plugin):
   def result(self):
     from mmgan_jax.evaluation import fid, precision_recall  # pylint: disable=g-import-not-at-top
     real = self._real_cached if self._real_cached is not None else np.concatenate(self._real)
-    if self._real_cached is None and self.cache_path:
-      os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
-      tmp = self.cache_path + '.tmp.npz'
-      np.savez(tmp, features=real)
-      os.replace(tmp, self.cache_path)
+    if self._real_cached is None:  # first pass: keep the real features (in memory, and on disk if asked)
+      if self.cache_path:
+        os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
+        tmp = self.cache_path + '.tmp.npz'
+        np.savez(tmp, features=real)
+        os.replace(tmp, self.cache_path)
       self._real_cached = real
       self.needs_real = False
-    real_stats = fid.FeatureStats()
-    real_stats.update(real)
+    if self._real_stats is None:  # the real set does not change between evaluations: one covariance per run
+      self._real_stats = fid.FeatureStats()
+      self._real_stats.update(real)
+    real_stats = self._real_stats
     out = {}
     for (setting, stage), feats in self._fake.items():
       fake = np.concatenate(feats)

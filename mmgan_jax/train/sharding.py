@@ -20,22 +20,34 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 Tree = Any
 
 
+def resolve_mesh_shape(shape: Sequence[int], axes: Sequence[str], num_devices: int) -> tuple[int, ...]:
+  """The mesh shape with its -1 entry (if any) filled in; ValueError naming the allowed values otherwise."""
+  shape, axes = tuple(int(s) for s in shape), tuple(axes)
+  if len(shape) != len(axes):
+    raise ValueError(f'has {len(shape)} entries but config.mesh.axes={axes} has {len(axes)}; allowed: one size '
+                     f'per axis ({len(axes)} entries).')
+  if shape.count(-1) > 1:
+    raise ValueError('has more than one -1; allowed: at most one -1 (it takes the remaining devices).')
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f'the fixed axes need a multiple of {known} devices, found {num_devices}; allowed: fixed '
+                       f'sizes whose product divides {num_devices}.')
+    return tuple(num_devices // known if s == -1 else s for s in shape)
+  if known != num_devices:
+    raise ValueError(f'needs {known} devices, found {num_devices}; allowed: sizes whose product is '
+                     f'{num_devices}, e.g. {(num_devices,) + (1,) * (len(shape) - 1)} or a -1 entry.')
+  return shape
+
+
 def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
   """A mesh of `shape` over all (or the given) devices; one -1 entry takes the remaining devices."""
   devices = list(devices if devices is not None else jax.devices())
-  shape = list(shape)
-  if len(shape) != len(axes):
-    raise ValueError(f'mesh shape {shape} and axes {axes} differ in length.')
-  if shape.count(-1) > 1:
-    raise ValueError(f'mesh shape {shape} may contain at most one -1.')
-  known = math.prod(s for s in shape if s != -1)
-  if -1 in shape:
-    if len(devices) % known:
-      raise ValueError(f'{len(devices)} devices cannot fill mesh shape {shape}.')
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
-    raise ValueError(f'mesh shape {shape} needs {math.prod(shape)} devices, found {len(devices)}.')
-  return jax.make_mesh(tuple(shape), tuple(axes), axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+  try:
+    resolved = resolve_mesh_shape(shape, axes, len(devices))
+  except ValueError as e:
+    raise ValueError(f'config.mesh.shape={tuple(shape)} {e}') from None
+  return jax.make_mesh(resolved, tuple(axes), axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
 def _rules_dict(rules) -> dict[str, Any]:

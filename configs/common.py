@@ -51,6 +51,21 @@ def parse_arg(arg: str | None, **defaults):
   return out
 
 
+def encoder_fields(type: str = 'own', pretrained: str = '',  # pylint: disable=redefined-builtin
+                   mode: str = 'finetune', lr_mul: float = 1.0, unfreeze_after: int = 0,
+                   freeze: tuple[str, ...] = (), **hf_config) -> dict:
+  """Where a modality encoder comes from and how it trains (mmgan_jax/models/pretrained.py; absent = these).
+
+  type: 'own' | text: 'bert', 'clip_text' | image: 'clip_vision', 'vit' | audio: 'wav2vec2'.
+  pretrained: a local transformers model directory, or a hub name on a machine with internet (HF_HUB_OFFLINE is
+    respected); '' = random init from `hf_config` (transformers config overrides, e.g. hidden_size=32).
+  train: mode 'finetune' | 'frozen'; lr_mul multiplies the learning rate; unfreeze_after=N keeps it fixed for the
+    first N steps; freeze lists regular expressions of parameter paths kept fixed (e.g. 'embeddings').
+  """
+  return dict(type=type, pretrained=pretrained, hf_config=dict(hf_config),
+              train=dict(mode=mode, lr_mul=float(lr_mul), unfreeze_after=int(unfreeze_after), freeze=tuple(freeze)))
+
+
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -60,7 +75,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name='shapes', image_size=32, noisy=False, audio_seconds=1.0, sample_rate=16_000,
       num_train=50_000, num_eval=10_000, max_text_len=16, global_batch=32, num_threads=1, seed=0,
-      data_dir='',  # real datasets: the TFDS / array_record directory
+      data_dir='',  # real datasets: the TFDS data directory (coco, vggsound) or the CC folder
+      tfds_name='',  # '' = the dataset's own (coco_captions, vggsound); e.g. 'vggsound/16k_5s' for another build
+      train_split='', eval_split='',  # '' = the dataset's own (coco: train+restval / test)
+      # Captions -> ids. path='': shapes' closed vocabulary, or a WordPiece vocabulary learned from the real
+      # dataset's training captions (vocab_size, min_frequency; cached in data_dir). A tokenizer.json file or a
+      # model directory (e.g. a pretrained text encoder's) is used as is, with its special tokens named here.
+      tokenizer=dict(path='', pad='[PAD]', bos='[BOS]', eos='[EOS]', vocab_size=8192, min_frequency=2),
   ))
 
   # Model. Widths are the CPU demo's; coco.py / vggsound.py scale them up.
@@ -69,9 +90,10 @@ def get_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'
   m.width = 64  # shared token width D
   m.embed_dim = 64  # shared-latent vector size E
-  m.text_encoder = dict(width=64, depth=2, num_heads=4)
-  m.image_encoder = dict(patch_size=4, width=64, depth=2, num_heads=4)
-  m.audio_encoder = dict(width=64, depth=2, num_heads=4, n_mels=64, downsample=4)
+  # Encoders: ours (type='own': the size fields) or a transformers Flax model; see encoder_fields().
+  m.text_encoder = dict(width=64, depth=2, num_heads=4, **encoder_fields())
+  m.image_encoder = dict(patch_size=4, width=64, depth=2, num_heads=4, **encoder_fields())
+  m.audio_encoder = dict(width=64, depth=2, num_heads=4, n_mels=64, downsample=4, **encoder_fields())
   m.fusion = dict(self_depth=1, cross_depth=1, num_heads=4, cross_attention=True)
   m.generator = dict(z_dim=64, w_dim=128, mapping_layers=4, mapping_lr_mul=0.01, channels=(128, 64, 32, 16),
                      cross_attention_max_res=16, num_heads=4, architecture='skip', noise_injection=True)
@@ -164,6 +186,33 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
   ))
   e.update(overrides)
   return e
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A few steps of a tiny model at 32x32 in pixel space: what the end-to-end tests of every config run."""
+  c.total_steps = 6
+  c.data.update(global_batch=8, image_size=32)
+  m = c.model
+  m.dtype = 'float32'
+  m.width = m.embed_dim = 32
+  m.text_encoder = dict(width=32, depth=1, num_heads=2)
+  m.image_encoder = dict(patch_size=8, width=32, depth=1, num_heads=2)
+  m.audio_encoder = dict(width=32, depth=1, num_heads=2, n_mels=32, downsample=8)
+  m.fusion = dict(self_depth=1, cross_depth=1, num_heads=2, cross_attention=True)
+  m.generator.update(z_dim=16, w_dim=32, mapping_layers=2, channels=(32, 16, 16, 8), num_heads=2)
+  m.refiner.update(channels=(8, 16), num_groups=4, num_heads=2, num_res_blocks=1, patch_size=2)
+  m.discriminator.update(channels=(8, 16, 16, 32))
+  m.text_decoder = dict(width=32, depth=1, num_heads=2)
+  m.codec = dict(type='identity', channels=(64, 128), latent_channels=4, num_res_blocks=1, num_groups=16,
+                 checkpoint='')
+  c.loss.r1_interval = 4
+  c.log_every = 2
+  c.sample_every = 3
+  c.checkpoint_every = 3
+  c.eval_every = 0
+  c.eval = eval_config(num_examples=16, batch_size=8, sample_grid=4, retrieval_ks=(1, 5), metrics=('bleu',),
+                       evaluators=tuple(e for e in c.eval.evaluators if e != 'fid'), beam_size=1)
+  return c
 
 
 def paper_scale(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -28,25 +28,9 @@ def get_config(arg: str | None = None):
     c.model.image_encoder.patch_size = 8
 
   if arg.smoke:
-    c.total_steps = 6
-    c.data.global_batch = 8
+    common.smoke(c)
     c.data.audio_seconds = 0.5
     c.data.num_train = 256
-    m = c.model
-    m.width = m.embed_dim = 32
-    m.text_encoder = dict(width=32, depth=1, num_heads=2)
-    m.image_encoder = dict(patch_size=8, width=32, depth=1, num_heads=2)
-    m.audio_encoder = dict(width=32, depth=1, num_heads=2, n_mels=32, downsample=8)
-    m.fusion = dict(self_depth=1, cross_depth=1, num_heads=2, cross_attention=True)
-    m.generator.update(z_dim=16, w_dim=32, mapping_layers=2, channels=(32, 16, 16, 8), num_heads=2)
-    m.refiner.update(channels=(8, 16), num_groups=4, num_heads=2)
-    m.discriminator.update(channels=(8, 16, 16, 32))
-    m.text_decoder = dict(width=32, depth=1, num_heads=2)
-    c.loss.r1_interval = 4
-    c.log_every = 2
-    c.sample_every = 3
-    c.checkpoint_every = 3
-    c.eval.update(num_examples=16, batch_size=8, sample_grid=4, retrieval_ks=(1, 5))
   if arg.steps:
     c.total_steps = arg.steps
   return c

@@ -43,7 +43,7 @@ from mmgan_jax.train import state as state_lib
 _MISSING = object()
 _DEFAULT_BATCH_AXES = ('data', 'fsdp')  # sharding.batch_sharding's default for a missing 'batch' rule
 
-DATASETS = ('shapes',) + tuple(registry.REAL_DATASETS)
+DATASETS = registry.DATASETS
 CODECS = ('identity', 'kl')
 FREEZABLE = tuple(n for n in state_lib.TRAINABLE if n not in ('generator', 'discriminator'))
 
@@ -408,13 +408,21 @@ def _partitioning(p: _Checker) -> tuple[str, ...] | None:
 def _data(p: _Checker, sizes: dict[str, int] | None, batch_axes) -> str | None:
   name = p.choice('data.name', DATASETS, why='a dataset with a pipeline in mmgan_jax/data/registry.py')
   batch = p.integer('data.global_batch', 1)
-  p.integer('data.num_train', 1)
+  p.integer('data.num_train', 1 if name == 'shapes' else 0,
+            why='examples per epoch' if name == 'shapes' else 'a cap on the training split; 0 uses all of it')
   p.integer('data.num_eval', 1)
   p.integer('data.num_threads', 0)
   p.integer('data.max_text_len', 2, why='room for BOS and EOS')
   if name != 'shapes':  # shapes has tighter limits of its own (ShapesSpec, checked with the resolution)
     p.integer('data.sample_rate', 1)
     p.real('data.audio_seconds', 0, lo_open=True)
+  for field in ('data_dir', 'tfds_name', 'train_split', 'eval_split', 'tokenizer.path', 'tokenizer.pad',
+                'tokenizer.bos', 'tokenizer.eos'):
+    v = p.get(f'data.{field}')
+    if v is not _MISSING and not isinstance(v, str):
+      p.add(f'data.{field}', v, 'allowed: a string.')
+  p.integer('data.tokenizer.vocab_size', 16, why='the size of the WordPiece vocabulary learned for a real dataset')
+  p.integer('data.tokenizer.min_frequency', 1)
   if batch is not None and sizes is not None and batch_axes is not None:
     n = math.prod(sizes.get(a, 1) for a in batch_axes)
     if batch % n:

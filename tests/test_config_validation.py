@@ -38,7 +38,7 @@ def problems_of(config, num_devices=1):
 
 # (overrides, num_devices, field named, allowed values named): each row is one mistake a user can make.
 BAD = [
-    ({'data.name': 'laion'}, 1, 'config.data.name', "one of ('shapes', 'coco', 'vggsound')"),
+    ({'data.name': 'laion'}, 1, 'config.data.name', "one of ('shapes', 'coco', 'vggsound', 'cc')"),
     ({'data.image_size': 48}, 1, 'config.data.image_size', '4, 8, 16, 32, ... (= 4 * 1 * 2**k)'),
     ({'data.image_size': 64}, 1, 'config.model.generator.channels', '5 entries, or config.data.image_size=32'),
     ({'model.codec.type': 'kl', 'model.codec.channels': (8,) * 7}, 1, 'config.data.image_size',

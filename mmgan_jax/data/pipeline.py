@@ -1,4 +1,5 @@
-"""grain input pipeline for the "shapes" dataset: sharded, shuffled per epoch, batched, checkpointable.
+"""grain input pipelines: sharded, shuffled per epoch, batched, checkpointable; for the embedded "shapes"
+dataset and (``make_map_dataset``) any random-access source of decoded records (the real datasets).
 
 Anchor: the grain ``MapDataset`` pipelines of maxtext / the Flax examples (source -> per-process slice ->
 seeded shuffle -> repeat -> map -> batch -> ``to_iter_dataset``) whose iterator state is saved with the
@@ -54,31 +55,46 @@ def _encode_cached(codec: TextCodec, caption: str, max_text_len: int) -> tuple[n
   return hit[0].copy(), hit[1].copy()
 
 
-def _features(example: dict[str, Any], caption: str, codec: TextCodec, max_text_len: int) -> dict[str, Any]:
+def crop_audio(audio: np.ndarray, samples: int | None, rng: np.random.Generator | None) -> np.ndarray:
+  """A `samples`-long window of a longer clip: at a random offset with `rng`, else centred."""
+  if samples is None or len(audio) == samples:
+    return audio
+  slack = len(audio) - samples
+  start = int(rng.integers(slack + 1)) if rng is not None else slack // 2
+  return audio[start:start + samples]
+
+
+def _features(example: dict[str, Any], caption: str, codec: TextCodec, max_text_len: int,
+              audio_samples: int | None, rng: np.random.Generator | None = None) -> dict[str, Any]:
+  """Model features of one decoded record; `audio` and `attributes` only where the dataset has them."""
   ids, mask = _encode_cached(codec, caption, max_text_len)
-  return dict(image=image_to_float(example['image']), text_ids=ids, text_mask=mask,
-              audio=example['audio'], attributes=example['attributes'])
+  out = dict(image=image_to_float(example['image']), text_ids=ids, text_mask=mask)
+  if 'audio' in example:
+    out['audio'] = crop_audio(example['audio'], audio_samples, rng)
+  if 'attributes' in example:
+    out['attributes'] = example['attributes']
+  return out
 
 
 class _RandomCaption(grain.transforms.RandomMap):
-  """Picks one caption per example at random and converts the example to model features."""
+  """Picks one caption per example at random (and a random audio window) and converts it to model features."""
 
-  def __init__(self, codec: TextCodec, max_text_len: int):
-    self.codec, self.max_text_len = codec, max_text_len
+  def __init__(self, codec: TextCodec, max_text_len: int, audio_samples: int | None = None):
+    self.codec, self.max_text_len, self.audio_samples = codec, max_text_len, audio_samples
 
   def random_map(self, element, rng: np.random.Generator):
     caption = element['captions'][int(rng.integers(len(element['captions'])))]
-    return _features(element, caption, self.codec, self.max_text_len)
+    return _features(element, caption, self.codec, self.max_text_len, self.audio_samples, rng)
 
 
 class _FirstCaption(grain.transforms.Map):
-  """Uses the canonical (first) caption."""
+  """Uses the canonical (first) caption and the centred audio window."""
 
-  def __init__(self, codec: TextCodec, max_text_len: int):
-    self.codec, self.max_text_len = codec, max_text_len
+  def __init__(self, codec: TextCodec, max_text_len: int, audio_samples: int | None = None):
+    self.codec, self.max_text_len, self.audio_samples = codec, max_text_len, audio_samples
 
   def map(self, element):
-    return _features(element, element['captions'][0], self.codec, self.max_text_len)
+    return _features(element, element['captions'][0], self.codec, self.max_text_len, self.audio_samples)
 
 
 def local_batch_size(global_batch: int, process_count: int) -> int:
@@ -88,6 +104,44 @@ def local_batch_size(global_batch: int, process_count: int) -> int:
     raise ValueError(f'global_batch={global_batch} is not divisible by process_count={process_count}; '
                      'every process must load the same number of examples.')
   return global_batch // process_count
+
+
+def make_map_dataset(source, *, seed: int, global_batch: int, text_codec: TextCodec, max_text_len: int,
+                     process_index: int = 0, process_count: int = 1, shuffle: bool = True, repeat: bool = True,
+                     random_caption: bool = True, audio_samples: int | None = None) -> grain.MapDataset:
+  """Per-process batches of any random-access source of decoded records (random access by batch index).
+
+  `source` yields dicts with `image` uint8 (S, S, 3), `captions` (list of str) and optionally `audio` float32
+  (n >= audio_samples; a longer clip is cropped: a random window in training, the centred one otherwise) and
+  `attributes`. Wrap it in ``records.SkipBadRecords`` first so bad records are skipped and counted.
+  """
+  local = local_batch_size(global_batch, process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} must lie in [0, {process_count}).')
+  if len(source) < process_count:
+    raise ValueError(f'the source has {len(source)} examples, fewer than process_count={process_count}.')
+  ds = grain.MapDataset.source(source)
+  ds = ds[process_index::process_count]
+  if len(ds) < local:
+    raise ValueError(f'this process\'s shard has {len(ds)} examples, fewer than one local batch of {local}; '
+                     'lower config.data.global_batch or use more data.')
+  if shuffle:
+    ds = ds.shuffle(seed=_derived_seed(seed, 1))
+  if repeat:
+    ds = ds.repeat()
+  if random_caption:
+    ds = ds.random_map(_RandomCaption(text_codec, max_text_len, audio_samples), seed=_derived_seed(seed, 2))
+  else:
+    ds = ds.map(_FirstCaption(text_codec, max_text_len, audio_samples))
+  return ds.batch(local, drop_remainder=True)
+
+
+def to_iter_dataset(ds: grain.MapDataset, num_threads: int = 2,
+                    prefetch_buffer_size: int | None = None) -> grain.IterDataset:
+  """Threaded, prefetching iteration (default buffer: 2 * num_threads batches, at least 1)."""
+  if prefetch_buffer_size is None:
+    prefetch_buffer_size = max(1, 2 * num_threads)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
 
 
 def make_shapes_map_dataset(spec: shapes.ShapesSpec, *, split: str, seed: int, num_examples: int,
@@ -100,25 +154,14 @@ def make_shapes_map_dataset(spec: shapes.ShapesSpec, *, split: str, seed: int, n
   Records that fail ``records.check_shapes_record`` (or raise when read) are skipped and counted in
   `bad_records` (see ``records.SkipBadRecords``).
   """
-  local = local_batch_size(global_batch, process_count)
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} must lie in [0, {process_count}).')
   if num_examples < process_count:
     raise ValueError(f'num_examples={num_examples} is smaller than process_count={process_count}.')
   source = records.SkipBadRecords(shapes.ShapesSource(spec, seed, split, num_examples),
                                   records.check_shapes_record(spec.image_size, spec.num_samples),
                                   bad_records if bad_records is not None else records.RecordCounter())
-  ds = grain.MapDataset.source(source)
-  ds = ds[process_index::process_count]
-  if shuffle:
-    ds = ds.shuffle(seed=_derived_seed(seed, 1))
-  if repeat:
-    ds = ds.repeat()
-  if random_caption:
-    ds = ds.random_map(_RandomCaption(text_codec, max_text_len), seed=_derived_seed(seed, 2))
-  else:
-    ds = ds.map(_FirstCaption(text_codec, max_text_len))
-  return ds.batch(local, drop_remainder=True)
+  return make_map_dataset(source, seed=seed, global_batch=global_batch, text_codec=text_codec,
+                          max_text_len=max_text_len, process_index=process_index, process_count=process_count,
+                          shuffle=shuffle, repeat=repeat, random_caption=random_caption)
 
 
 def make_shapes_dataset(spec: shapes.ShapesSpec, *, split: str, seed: int, num_examples: int,
@@ -152,9 +195,7 @@ def make_shapes_dataset(spec: shapes.ShapesSpec, *, split: str, seed: int, num_e
                                global_batch=global_batch, text_codec=text_codec, max_text_len=max_text_len,
                                process_index=process_index, process_count=process_count, shuffle=shuffle,
                                repeat=repeat, random_caption=random_caption, bad_records=bad_records)
-  if prefetch_buffer_size is None:
-    prefetch_buffer_size = max(1, 2 * num_threads)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
+  return to_iter_dataset(ds, num_threads, prefetch_buffer_size)
 
 
 def eval_examples(spec: shapes.ShapesSpec, *, seed: int, split: str = 'test', num_examples: int,

@@ -104,3 +104,25 @@ def check_shapes_record(image_size: int, audio_samples: int) -> Check:
     return None
 
   return check
+
+
+def check_decoded_record(image_size: int, audio_samples: int | None) -> Check:
+  """The checks a decoded real-dataset record (``sources.Decoded``) must pass: image, captions, and audio at
+  least `audio_samples` long (None: the dataset has no audio)."""
+
+  def check(r: dict[str, Any]) -> str | None:
+    image = np.asarray(r.get('image'))
+    if image.shape != (image_size, image_size, 3) or image.dtype != np.uint8:
+      return f'image is {image.dtype}{list(image.shape)}, expected uint8[{image_size}, {image_size}, 3]'
+    captions = r.get('captions')
+    if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+      return 'no caption, or an empty one'
+    if audio_samples is not None:
+      audio = np.asarray(r.get('audio'))
+      if audio.ndim != 1 or len(audio) < audio_samples:
+        return f'audio has {audio.shape} samples, expected at least {audio_samples} (a truncated clip?)'
+      if not np.all(np.isfinite(audio)):
+        return 'audio has NaN/Inf samples'
+    return None
+
+  return check

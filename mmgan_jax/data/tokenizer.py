@@ -11,13 +11,18 @@ on BOS, the words and EOS. A caption that does not fit is truncated and keeps it
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Callable, Iterable
 from typing import Sequence
 
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from mmgan_jax.data import shapes
+
+log = logging.getLogger(__name__)
 
 PAD, BOS, EOS, UNK = '[PAD]', '[BOS]', '[EOS]', '[UNK]'
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3 in the shapes codec
@@ -131,3 +136,56 @@ def word_level_tokenizer(words: Sequence[str]) -> tokenizers.Tokenizer:
 def shapes_text_codec() -> TextCodec:
   """The codec for the shapes captions (deterministic: the vocabulary is ``shapes.caption_vocabulary()``)."""
   return TextCodec(word_level_tokenizer(shapes.caption_vocabulary()))
+
+
+def load_text_codec(path: str, *, pad: str, bos: str, eos: str) -> TextCodec:
+  """A codec around a saved ``tokenizers`` tokenizer: `path` is a tokenizer.json or a directory holding one.
+
+  This is how a pretrained text encoder brings its own vocabulary (e.g. a BERT WordPiece tokenizer with
+  pad='[PAD]', bos='[CLS]', eos='[SEP]').
+  """
+  file = os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else path
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f'config.data.tokenizer.path={path!r}: no tokenizer.json there. Pass a tokenizer.json '
+                            "file (the HuggingFace `tokenizers` format) or a model directory that holds one.")
+  try:
+    tok = tokenizers.Tokenizer.from_file(file)
+  except Exception as e:  # pylint: disable=broad-except  # a corrupt file is a config error, said in one line
+    raise ValueError(f'{file} is not a readable tokenizers file: {e}') from None
+  return TextCodec(tok, pad_token=pad, bos_token=bos, eos_token=eos)
+
+
+def learn_wordpiece_codec(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2) -> TextCodec:
+  """Learns a lower-cased BERT-style WordPiece vocabulary (at most `vocab_size` tokens) from `texts`.
+
+  Anchor: the BERT uncased text pipeline (BertNormalizer, BertPreTokenizer, WordPiece with '##' continuations),
+  learned with the ``tokenizers`` trainer. The result depends only on the texts (not on their order's timing),
+  so every process and every restart learns the same vocabulary from the same captions.
+  """
+  tok = tokenizers.Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=100))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.decoder = decoders.WordPiece(prefix='##', cleanup=True)
+  trainer = trainers.WordPieceTrainer(vocab_size=int(vocab_size), min_frequency=int(min_frequency),
+                                      special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+  tok.train_from_iterator(texts, trainer=trainer)
+  return TextCodec(tok)
+
+
+def cached_wordpiece_codec(cache_file: str, texts: Callable[[], Iterable[str]], *, vocab_size: int,
+                           min_frequency: int = 2) -> TextCodec:
+  """`learn_wordpiece_codec` with the vocabulary kept in `cache_file` (learned and written once, atomically).
+
+  A cache that cannot be written (read-only data directory) only costs relearning at the next start.
+  """
+  if os.path.isfile(cache_file):
+    return load_text_codec(cache_file, pad=PAD, bos=BOS, eos=EOS)
+  codec = learn_wordpiece_codec(texts(), vocab_size=vocab_size, min_frequency=min_frequency)
+  try:
+    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+    tmp = f'{cache_file}.tmp{os.getpid()}'
+    codec.tokenizer.save(tmp)
+    os.replace(tmp, cache_file)
+  except OSError as e:
+    log.warning('Could not cache the learned vocabulary at %s (%s); it will be relearned next time.', cache_file, e)
+  return codec

@@ -3,7 +3,8 @@
 Every module here is built from plain config values (`build_model(config.model, ...)`); parameters live in one
 dict with a sub-tree per component:
 
-  text_encoder, image_encoder, audio_encoder   modality encoders (DESIGN.md "one training step")
+  text_encoder, image_encoder, audio_encoder   modality encoders (DESIGN.md "one training step"): ours
+                                               (encoders.py) or transformers' Flax models (pretrained.py)
   fusion                                       projection, self-attention, cross-attention fusion, logit scale
   generator                                    StyleGAN2-like G(z, cond, T)
   refiner                                      conditional denoiser R for SDEdit refinement in latent space
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmgan_jax.models import codec as codec_lib
-from mmgan_jax.models import diffusion, encoders, fusion, text_decoder
+from mmgan_jax.models import diffusion, encoders, fusion, pretrained, text_decoder
 from mmgan_jax.models.discriminator import Discriminator
 from mmgan_jax.models.generator import Generator
 
@@ -59,6 +60,7 @@ class Model:
   max_text_len: int
   vocab_size: int
   pad_id: int  # the text codec's padding id (masked out of the captioning loss)
+  frozen_encoders: tuple[str, ...] = ()  # encoders with train.mode='frozen': no gradient is even computed
 
   @property
   def generate_sources(self) -> tuple[str, ...]:
@@ -97,18 +99,25 @@ def build_model(cfg, *, image_size: int, vocab_size: int, max_text_len: int, sam
   dtype = DTYPES[cfg.dtype]
   kw = dict(dtype=dtype)
   enc = {}
-  if 'text' in modalities:
+  for m in ('text', 'image', 'audio'):
+    if m in modalities and pretrained.encoder_type(getattr(cfg, f'{m}_encoder')) != 'own':
+      enc[m] = pretrained.build_encoder(m, getattr(cfg, f'{m}_encoder'), name=f'{m}_encoder', dtype=dtype,
+                                        vocab_size=vocab_size, max_text_len=max_text_len, sample_rate=sample_rate)
+  if 'text' in modalities and 'text' not in enc:
     t = cfg.text_encoder
     enc['text'] = encoders.TextEncoder(vocab_size=vocab_size, width=t.width, depth=t.depth,
                                        num_heads=t.num_heads, max_len=max_text_len, name='text_encoder', **kw)
-  i = cfg.image_encoder
-  enc['image'] = encoders.ImageEncoder(patch_size=i.patch_size, width=i.width, depth=i.depth,
-                                       num_heads=i.num_heads, posemb='sincos2d', name='image_encoder', **kw)
-  if 'audio' in modalities:
+  if 'image' not in enc:
+    i = cfg.image_encoder
+    enc['image'] = encoders.ImageEncoder(patch_size=i.patch_size, width=i.width, depth=i.depth,
+                                         num_heads=i.num_heads, posemb='sincos2d', name='image_encoder', **kw)
+  if 'audio' in modalities and 'audio' not in enc:
     a = cfg.audio_encoder
     enc['audio'] = encoders.AudioEncoder(width=a.width, depth=a.depth, num_heads=a.num_heads, n_mels=a.n_mels,
                                          sample_rate=sample_rate, downsample=a.downsample,
                                          name='audio_encoder', **kw)
+  enc = {m: enc[m] for m in ('text', 'image', 'audio') if m in enc}
+  frozen = tuple(enc[m].name for m in enc if pretrained.train_spec(getattr(cfg, f'{m}_encoder')).frozen)
   f = cfg.fusion
   fuse = fusion.ModalityFusion(modalities=modalities, width=cfg.width, embed_dim=cfg.embed_dim,
                                self_depth=f.self_depth, cross_depth=f.cross_depth, num_heads=f.num_heads,
@@ -151,7 +160,7 @@ def build_model(cfg, *, image_size: int, vocab_size: int, max_text_len: int, sam
       text_decoder=dec, codec=codec, image_shape=image_shape, latent_shape=tuple(latent),
       alpha_bar_refiner=diffusion.cosine_alpha_bar(r.num_timesteps),
       alpha_bar_disc=diffusion.cosine_alpha_bar(d.num_timesteps),
-      max_text_len=max_text_len, vocab_size=vocab_size, pad_id=pad_id)
+      max_text_len=max_text_len, vocab_size=vocab_size, pad_id=pad_id, frozen_encoders=frozen)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -160,10 +169,12 @@ def build_model(cfg, *, image_size: int, vocab_size: int, max_text_len: int, sam
 
 def dummy_batch(model: Model, batch_size: int, audio_samples: int) -> dict[str, Array]:
   h, w, c = model.image_shape
-  return dict(image=jnp.zeros((batch_size, h, w, c), jnp.float32),
-              text_ids=jnp.zeros((batch_size, model.max_text_len), jnp.int32),
-              text_mask=jnp.ones((batch_size, model.max_text_len), bool),
-              audio=jnp.zeros((batch_size, audio_samples), jnp.float32))
+  batch = dict(image=jnp.zeros((batch_size, h, w, c), jnp.float32),
+               text_ids=jnp.zeros((batch_size, model.max_text_len), jnp.int32),
+               text_mask=jnp.ones((batch_size, model.max_text_len), bool))
+  if 'audio' in model.modalities:  # a dataset without audio (COCO) has no such key
+    batch['audio'] = jnp.zeros((batch_size, audio_samples), jnp.float32)
+  return batch
 
 
 def all_present(model: Model, batch_size: int) -> dict[str, dict[str, Array]]:
@@ -188,6 +199,8 @@ def init_params(model: Model, key: Array, batch: Mapping[str, Array]) -> dict[st
   feats = {}
   for m, module in model.encoders.items():
     params[module.name] = module.init(keys[m], *_encoder_inputs(m, batch))['params']
+    if pretrained.is_pretrained_module(module):  # transformers' params carry no logical axis names
+      params[module.name] = pretrained.with_logical_axes(params[module.name])
     feats[m] = module.apply({'params': params[module.name]}, *_encoder_inputs(m, batch))
   present = all_present(model, b)
   params['fusion'] = model.fusion.init(keys['fusion'], feats, present, model.tasks)['params']
@@ -232,8 +245,10 @@ def encode(model: Model, params: Mapping[str, Params], batch: Mapping[str, Array
   rngs = dict(rngs or {})
   feats = {}
   for m, module in model.encoders.items():
-    feats[m] = module.apply({'params': params[module.name]}, *_encoder_inputs(m, batch),
-                            deterministic=deterministic, rngs=rngs)
+    p = params[module.name]
+    if module.name in model.frozen_encoders:  # zero gradient anyway (optax set_to_zero); skip its backward pass
+      p = jax.lax.stop_gradient(p)
+    feats[m] = module.apply({'params': p}, *_encoder_inputs(m, batch), deterministic=deterministic, rngs=rngs)
   return model.fusion.apply({'params': params['fusion']}, feats, present, model.tasks,
                             deterministic=deterministic, rngs=rngs)
 

@@ -86,7 +86,10 @@ def _check_eval_request(batch_size: int, num_examples: int, num_eval: int) -> No
 
 def _with_grid(eval_batches: EvalBatches, num_eval: int, **fields) -> Data:
   n = min(GRID_EXAMPLES, num_eval)
-  eval_batch, refs = next(eval_batches(n, n))
+  first = next(eval_batches(n, n), None)
+  if first is None:
+    raise records.DataError('no held-out record could be read (see the warnings above for the reasons).')
+  eval_batch, refs = first
   return Data(eval_batch=eval_batch, eval_references=refs, eval_batches=eval_batches, num_eval=num_eval, **fields)
 
 
@@ -171,8 +174,10 @@ def _make_real(cfg, *, process_index: int, process_count: int, seed_offset: int)
   if cfg.num_train > 0:
     train_raw = _Prefix(train_raw, cfg.num_train)
   eval_raw = open_source(cfg, eval_split)
-  codec = text_codec(cfg, train_raw)
   size, n_audio = int(cfg.image_size), audio_samples(cfg)
+  if has_audio:
+    eval_raw.check_audio(int(cfg.sample_rate), n_audio)
+  codec = text_codec(cfg, train_raw)
   check = records.check_decoded_record(size, n_audio if has_audio else None)
   bad_records = records.RecordCounter()
   train_source = records.SkipBadRecords(sources.Decoded(train_raw, size), check, bad_records)

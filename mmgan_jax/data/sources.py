@@ -70,7 +70,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     w, h = im.size
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
-    im = im.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + s, top + s))
+    im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(im, dtype=np.uint8)
 
 
@@ -108,10 +108,12 @@ def tfds_source(name: str, tfds_name: str, data_dir: str, split: str):
     raise unavailable(name, data_dir, 'the directory does not exist')
   if name == 'vggsound':
     from mmgan_jax.data.vggsound import vggsound_dataset_builder  # pylint: disable=g-import-not-at-top,unused-import  # registers the builder
+  if not os.path.isdir(os.path.join(data_dir, tfds_name.split('/')[0])):
+    raise unavailable(name, data_dir, f'it has no {tfds_name.split("/")[0]}/ folder')
   try:
-    return tfds.data_source(tfds_name, split=split, data_dir=data_dir,
+    return tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False,
                             decoders={'image': tfds.decode.SkipDecoding()})
-  except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError, AssertionError) as e:
+  except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError, AssertionError, NotImplementedError) as e:
     raise unavailable(name, data_dir, f'{tfds_name} split {split!r}: {type(e).__name__}: {e}') from None
   except ValueError as e:  # e.g. an unknown split, or a dataset prepared in another file format
     raise unavailable(name, data_dir, f'{tfds_name} split {split!r}: {e}') from None
@@ -144,6 +146,20 @@ class VGGSound:
   def __init__(self, data_dir: str, split: str, tfds_name: str = 'vggsound'):
     self.split = split
     self._ds = tfds_source('vggsound', tfds_name, data_dir, split)
+
+  def check_audio(self, sample_rate: int, samples: int) -> None:
+    """Raises a ValueError unless the clips are at `sample_rate` and hold at least `samples` samples."""
+    info = self._ds.dataset_info
+    stored = int(info.features['audio'].shape[0])
+    rate = int((info.metadata or {}).get('sample_rate', sample_rate))
+    name = f'vggsound/{info.config_name}'
+    if rate != sample_rate:
+      raise ValueError(f'config.data.sample_rate={sample_rate}, but {name} was built at {rate} Hz; set '
+                       f'--config.data.sample_rate={rate} or rebuild with --sample_rate={sample_rate}.')
+    if samples > stored:
+      raise ValueError(f'config.data.audio_seconds asks for {samples} samples ({samples / rate:g} s), but the clips '
+                       f'of {name} hold {stored} ({stored / rate:g} s); lower config.data.audio_seconds or rebuild '
+                       'with a longer --clip_seconds.')
 
   def __len__(self) -> int:
     return len(self._ds)

@@ -4,7 +4,7 @@ r"""COCO Captions at paper scale: text -> image (256 px through an f=8 KL latent
   python launch/train.py --config=configs/coco.py --workdir=runs/coco \
       --config.model.codec.checkpoint=runs/coco_codec/codec --config.data.data_dir=DIR    # stage 2
 
-DIR is where `tfds build coco_captions --data_dir=DIR --file_format=array_record` put the dataset (see
+DIR is where `python launch/prepare_coco.py --data_dir=DIR` put the dataset (see
 docs/datasets.md); without it both commands stop with a message that says so. The caption vocabulary is a
 WordPiece one learned from the training captions at the first start (cached in DIR/mmgan_jax_vocab).
 Variants: `res=128` (f=4 codec, 32x32 latents); `smoke` (a few steps of a tiny pixel-space model at 32x32, what

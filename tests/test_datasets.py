@@ -216,17 +216,18 @@ def test_missing_dataset_names_the_prepare_command_and_the_directory(module, nam
       registry.make_data(cfg)
     msg = str(e.value)
     assert 'Prepare it with' in msg and 'expected at' in msg and '\n' not in msg
-    assert ('tfds build coco_captions' if name == 'coco' else 'train.tsv') in msg
+    assert ('launch/prepare_coco.py' if name == 'coco' else 'train.tsv') in msg
     if data_dir:
       assert data_dir in msg
 
 
-def test_a_few_training_steps_on_coco(coco_dir):
+@pytest.mark.parametrize('module, fixture', [(coco_config, 'coco_dir'), (cc_config, 'cc_dir')])
+def test_a_few_training_steps_on_coco_and_cc(module, fixture, request):
   import jax  # pylint: disable=g-import-not-at-top
   from mmgan_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  c = coco_config.get_config('smoke')
+  c = module.get_config('smoke')
   c.mesh.shape = (1, 1, 1)
-  c.data.update(data_dir=coco_dir, global_batch=4, num_threads=2)
+  c.data.update(data_dir=request.getfixturevalue(fixture), global_batch=4, num_threads=2)
   s = trainer.setup(c, None, devices=jax.devices()[:1])
   assert 'audio' not in s.batch_shardings and s.model.modalities == ('text', 'image')
   state = s.state
@@ -234,7 +235,7 @@ def test_a_few_training_steps_on_coco(coco_dir):
     state, metrics = trainer.train_step(s, state, trainer.next_batch(s), step)
   values = {k: float(v) for k, v in jax.device_get(metrics).items()}
   assert all(np.isfinite(v) for v in values.values()), values
-  assert int(state.step) == 2
+  assert int(state.step) == 2 and s.data.bad_records.count >= 0
 
 
 # ------------------------------------------------------------------------------------------------ VGGSound

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # What each real dataset is and how a user prepares it. `{data_dir}` is filled in from the config.
 PREPARE = {
     'coco': ('COCO Captions (TFDS coco_captions, Karpathy splits)',
-             'tfds build coco_captions --data_dir={data_dir} --file_format=array_record',
+             'python launch/prepare_coco.py --data_dir={data_dir}',
              '{data_dir}/coco_captions/2014/<version>/'),
     'vggsound': ('VGGSound (built from the vggsound.csv index and your downloaded 10 s clips)',
                  'python launch/prepare_vggsound.py --manual_dir=<your clips> --data_dir={data_dir}',

@@ -2,7 +2,7 @@
 
 Nothing here downloads anything. `make_coco_captions` runs the real TFDS ``coco_captions`` builder on a small
 fake copy of the raw COCO 2014 files (JPEGs, the instances JSON, Karpathy's dataset_coco.json), so the reader
-is tested on exactly the array_record files a user gets from ``tfds build coco_captions``.
+is tested on exactly the array_record files a user gets from ``launch/prepare_coco.py`` (``tfds build coco_captions``).
 `make_conceptual_captions` writes the caption TSV and the image folder. Images are random-noise JPEGs whose
 mean colour identifies the example (``example_colour``), so a test can tell which example a batch row holds.
 """

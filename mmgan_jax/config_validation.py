@@ -343,6 +343,55 @@ def _model(p: _Checker, modalities: tuple[str, ...] | None, latent: int | None) 
               f'with these {len(ch)} levels, or fewer levels.')
 
 
+def _encoders(p: _Checker, modalities: tuple[str, ...] | None) -> None:
+  """type / pretrained / hf_config / train of each encoder (`models.pretrained`; absent fields = defaults).
+
+  Whether `pretrained` loads (a directory, or a hub name with internet) is checked at load time, before any
+  compilation, by `pretrained.build_encoder` (FileNotFoundError naming what to install or pass).
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  from mmgan_jax.models import pretrained  # pylint: disable=g-import-not-at-top
+  for m in modalities or ():
+    e = f'model.{pretrained.ENCODER_COMPONENTS[m]}'
+    kind = p.get(f'{e}.type', 'own')
+    if kind not in pretrained.MODALITY_TYPES[m]:
+      p.add(f'{e}.type', kind, f"'own' or a transformers family for the {m} encoder; "
+            f'allowed: one of {pretrained.MODALITY_TYPES[m]}.')
+    source = p.get(f'{e}.pretrained', '')
+    if not isinstance(source, str):
+      p.add(f'{e}.pretrained', source, "allowed: a model directory, a hub name, or '' (random init).")
+    elif kind == 'own' and source:
+      p.add(f'{e}.pretrained', source, f"our own encoder has no pretrained weights; allowed: '' with type='own', "
+            f'or a type in {pretrained.MODALITY_TYPES[m][1:]}.')
+    hf = p.get(f'{e}.hf_config', {})
+    if not hasattr(hf, 'keys'):
+      p.add(f'{e}.hf_config', hf, 'allowed: a dict of transformers config fields (e.g. dict(hidden_size=32)).')
+    mode = p.get(f'{e}.train.mode', 'finetune')
+    if mode not in pretrained.TRAIN_MODES:
+      p.add(f'{e}.train.mode', mode, f'allowed: one of {pretrained.TRAIN_MODES}.')
+    if p.get(f'{e}.train.lr_mul', None) is not None:
+      p.real(f'{e}.train.lr_mul', 0, lo_open=True, why='multiplies the learning rate of this encoder')
+    after = p.get(f'{e}.train.unfreeze_after', 0)
+    if not (_is_int(after) and after >= 0):
+      p.add(f'{e}.train.unfreeze_after', after, 'optimiser steps before the encoder is updated; allowed: an '
+            'integer >= 0 (0 = from the start).')
+    elif after > 0 and mode == 'frozen':
+      p.add(f'{e}.train.unfreeze_after', after, "is ignored with train.mode='frozen' (frozen for good); allowed: "
+            "0, or train.mode='finetune' to unfreeze after that many steps.")
+    freeze = p.get(f'{e}.train.freeze', ())
+    if isinstance(freeze, str) or not isinstance(freeze, (tuple, list)) or \
+        not all(isinstance(f, str) for f in freeze):
+      p.add(f'{e}.train.freeze', freeze, "allowed: a tuple of regular expressions of parameter paths, e.g. "
+            "('embeddings', 'layer/[01]/').")
+    else:
+      for f in freeze:
+        try:
+          re.compile(f)
+        except re.error as err:
+          p.add(f'{e}.train.freeze', tuple(freeze), f'{f!r} is not a regular expression ({err}); allowed: a '
+                'tuple of regular expressions of parameter paths.')
+
+
 def _refine(p: _Checker) -> None:
   if not p.get('model.refiner.enabled', False):
     return  # refinement is the identity without a refiner; its settings are unused
@@ -528,6 +577,7 @@ def problems(config, *, num_devices: int) -> list[str]:
   dataset = _data(p, sizes, batch_axes)
   latent = _resolution(p, dataset)
   _model(p, modalities, latent)
+  _encoders(p, modalities)
   _refine(p)
   _training(p)
   _evaluation(p, modalities, dataset)

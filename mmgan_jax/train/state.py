@@ -11,12 +11,21 @@
     codec       {'params', 'scale'}: the frozen latent codec and its latent scale (LDM)
 
 Optimisers (optax): G and D use Adam(beta1=0, beta2=0.99) as StyleGAN2; the representation side (encoders,
-fusion, text decoder, refiner) uses AdamW with warm-up. Components named in `config.optim.frozen` get no
-updates (transfer learning: frozen pretrained encoders), through `optax.multi_transform` labels.
+fusion, text decoder, refiner) uses AdamW with warm-up. Transfer learning goes through `optax.multi_transform`
+labels derived from each parameter's path (models/pretrained.py, `train` of config.model.<m>_encoder):
+  'frozen'        optax.set_to_zero(): components in `config.optim.frozen`, encoders with train.mode='frozen',
+                  leaves matching an encoder's train.freeze patterns (partial fine-tuning), unused HF leaves
+  'rep:<encoder>' the representation AdamW followed by a scale s(count) = lr_mul * [count >= unfreeze_after]:
+                  a learning-rate multiplier (AdamW's update, weight decay included, is proportional to the
+                  learning rate) and unfreezing after N optimiser steps; a pure function of the optimiser
+                  step count, which is in the checkpointed state, so a resumed run continues exactly. Adam's
+                  moments are estimated during the frozen steps, so the first unfrozen update is well scaled.
+  'rep', 'gan'    everything else.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import flax
@@ -26,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from mmgan_jax.models import mmgan
+from mmgan_jax.models import pretrained as pretrained_lib
 from mmgan_jax.train import sharding
 
 Tree = Any
@@ -52,15 +62,55 @@ def g_side(params: dict[str, Tree]) -> dict[str, Tree]:
   return {k: v for k, v in params.items() if k != 'discriminator'}
 
 
-def _label(name: str, frozen) -> str:
-  if name in frozen:
-    return 'frozen'
-  return 'gan' if name == 'generator' else 'rep'
+def _path(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
 
 
-def make_optimizers(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
-  """(tx_g, tx_d) from `config.optim`."""
+def param_labels(params: dict[str, Tree], frozen=(), encoders: dict[str, pretrained_lib.TrainSpec] | None = None
+                 ) -> dict[str, Tree]:
+  """The optimiser label of every leaf of the G-side params (see the module docstring).
+
+  Raises:
+    ValueError: an encoder's train.freeze pattern that matches none of its parameters (a typo would otherwise
+      freeze nothing, silently).
+  """
+  encoders = encoders or {}
+  out = {}
+  for name, tree in params.items():
+    spec = encoders.get(name)
+    if name in frozen or (spec is not None and spec.frozen):
+      out[name] = jax.tree.map(lambda _: 'frozen', tree)
+      continue
+    if spec is None:
+      out[name] = jax.tree.map(lambda _, n=name: 'gan' if n == 'generator' else 'rep', tree)
+      continue
+    base = 'rep' if spec.plain else f'rep:{name}'
+    user = [re.compile(p) for p in spec.freeze]
+    patterns = user + [re.compile(p) for p in spec.always_frozen]
+    hits = [0] * len(user)
+
+    def label(path, _, patterns=patterns, hits=hits, base=base, n_user=len(user)):
+      p = _path(path)
+      matched = [i for i, pat in enumerate(patterns) if pat.search(p)]
+      for i in matched:
+        if i < n_user:
+          hits[i] += 1
+      return 'frozen' if matched else base
+
+    out[name] = jax.tree_util.tree_map_with_path(label, tree)
+    unused = [spec.freeze[i] for i, h in enumerate(hits) if not h]
+    if unused:
+      some = [_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0][:6]]
+      raise ValueError(f'config.model.{name}.train.freeze patterns {unused} match no parameter of {name} '
+                       f'(regular expressions searched in paths such as {some}).')
+  return out
+
+
+def make_optimizers(cfg, total_steps: int, encoders: dict[str, pretrained_lib.TrainSpec] | None = None
+                    ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+  """(tx_g, tx_d) from `config.optim` and the encoders' TrainSpecs (`pretrained.train_specs(config.model)`)."""
   o = cfg
+  encoders = dict(encoders or {})
   unknown = set(o.frozen) - set(TRAINABLE)
   if unknown:
     raise ValueError(f'config.optim.frozen has unknown components {sorted(unknown)}; choose from {TRAINABLE}.')
@@ -73,19 +123,30 @@ def make_optimizers(cfg, total_steps: int) -> tuple[optax.GradientTransformation
   gan = optax.chain(*clip, optax.adam(o.g_lr, b1=o.gan_b1, b2=o.gan_b2, eps=1e-8))
   rep = optax.chain(*clip, optax.adamw(rep_lr, b1=o.rep_b1, b2=o.rep_b2, weight_decay=o.rep_weight_decay))
   frozen = tuple(o.frozen)
-  tx_g = optax.multi_transform(
-      {'gan': gan, 'rep': rep, 'frozen': optax.set_to_zero()},
-      lambda params: {k: jax.tree.map(lambda _: _label(k, frozen), v) for k, v in params.items()})
+  transforms = {'gan': gan, 'rep': rep, 'frozen': optax.set_to_zero()}
+  for name, spec in encoders.items():
+    if not spec.plain and not spec.frozen:
+      scale = lambda count, m=float(spec.lr_mul), n=int(spec.unfreeze_after): m * (count >= n).astype(jnp.float32)
+      transforms[f'rep:{name}'] = optax.chain(rep, optax.scale_by_schedule(scale))
+  tx_g = optax.multi_transform(transforms, lambda params: param_labels(params, frozen, encoders))
   tx_d = optax.chain(*clip, optax.adam(o.d_lr, b1=o.gan_b1, b2=o.gan_b2, eps=1e-8))
   return tx_g, tx_d
 
 
 def init_state(model: mmgan.Model, config, key: jax.Array, batch: dict[str, jax.Array],
                tx_g: optax.GradientTransformation, tx_d: optax.GradientTransformation,
-               codec_params: Tree | None = None, latent_scale: float = 1.0) -> TrainState:
-  """A fresh TrainState with plain (unboxed) arrays. `state_shardings` gives where each leaf lives."""
+               codec_params: Tree | None = None, latent_scale: float = 1.0,
+               pretrained: dict[str, Tree] | None = None) -> TrainState:
+  """A fresh TrainState with plain (unboxed) arrays. `state_shardings` gives where each leaf lives.
+
+  `pretrained` ({component: {'hf': params}}, `pretrained.load_weights`) replaces the random initialisation of
+  those sub-trees (every leaf shape-checked) before the optimiser state is built; pass it as an argument of the
+  jitted init (not a closed-over constant) so it lands directly on its shards.
+  """
   k_params, k_rng = jax.random.split(key)
   params = nn.unbox(mmgan.init_params(model, k_params, batch))
+  if pretrained:
+    params = pretrained_lib.place(params, pretrained)
   codec = params.pop('codec')
   if codec_params is not None:
     codec = codec_params

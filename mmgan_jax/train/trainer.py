@@ -22,6 +22,7 @@ from mmgan_jax import config_validation
 from mmgan_jax.data import registry
 from mmgan_jax.evaluation.evaluator import Evaluator
 from mmgan_jax.models import mmgan
+from mmgan_jax.models import pretrained as pretrained_lib
 from mmgan_jax.train import checkpoint as ckpt_lib
 from mmgan_jax.train import sharding, summaries
 from mmgan_jax.train import state as state_lib
@@ -113,18 +114,23 @@ def setup(config, workdir: str | None, *, devices=None, restore_step: int | None
   mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices)
   rules = config.partition_rules
   sharding.check_batch_divisible(config.data.global_batch, mesh, rules)
-  tx_g, tx_d = state_lib.make_optimizers(config.optim, config.total_steps)
+  tx_g, tx_d = state_lib.make_optimizers(config.optim, config.total_steps,
+                                         pretrained_lib.train_specs(config.model))
   codec_params, latent_scale = _codec_params(config, model)
   init_batch = mmgan.dummy_batch(model, 2, data.audio_samples)
   key = jax.random.PRNGKey(config.seed)
+  # Pretrained encoder weights (host arrays): an argument of the jitted init, so they land on their shards.
+  weights = pretrained_lib.load_weights(config.model, model.modalities)
 
-  def init(k):
-    return state_lib.init_state(model, config, k, init_batch, tx_g, tx_d, codec_params, latent_scale)
+  def init(k, w):
+    return state_lib.init_state(model, config, k, init_batch, tx_g, tx_d, codec_params, latent_scale,
+                                pretrained=w)
 
   with jax.set_mesh(mesh):
-    abstract = jax.eval_shape(init, key)
+    abstract = jax.eval_shape(init, key, weights)
     shardings = state_lib.state_shardings(model, abstract, key, init_batch, mesh, rules)
-    state = jax.jit(init, out_shardings=shardings)(key)
+    state = jax.jit(init, out_shardings=shardings)(key, weights)
+  del weights
 
   checkpointer = None
   start_step = 0

@@ -24,8 +24,8 @@ def get_config(arg: str | None = None):
   m.modalities = ('text', 'image')  # COCO has no audio
   m.dtype = 'bfloat16'
   m.width = m.embed_dim = 512
-  m.text_encoder = dict(width=512, depth=6, num_heads=8)
-  m.image_encoder = dict(patch_size=16, width=512, depth=6, num_heads=8)
+  m.text_encoder.update(width=512, depth=6, num_heads=8)
+  m.image_encoder.update(patch_size=16, width=512, depth=6, num_heads=8)
   m.fusion = dict(self_depth=2, cross_depth=2, num_heads=8, cross_attention=True)
   codec_levels = (128, 256, 512, 512) if arg.res == 256 else (128, 256, 512)  # f = 8 or 4 -> 32x32 latents
   m.codec = dict(type='kl', channels=codec_levels, latent_channels=4, num_res_blocks=2, num_groups=32,

@@ -63,7 +63,8 @@ def encoder_fields(type: str = 'own', pretrained: str = '',  # pylint: disable=r
     first N steps; freeze lists regular expressions of parameter paths kept fixed (e.g. 'embeddings').
   """
   return dict(type=type, pretrained=pretrained, hf_config=dict(hf_config),
-              train=dict(mode=mode, lr_mul=float(lr_mul), unfreeze_after=int(unfreeze_after), freeze=tuple(freeze)))
+              train=dict(mode=mode, lr_mul=float(lr_mul), unfreeze_after=int(unfreeze_after),
+                         freeze=tuple(freeze)))
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -195,9 +196,9 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   m = c.model
   m.dtype = 'float32'
   m.width = m.embed_dim = 32
-  m.text_encoder = dict(width=32, depth=1, num_heads=2)
-  m.image_encoder = dict(patch_size=8, width=32, depth=1, num_heads=2)
-  m.audio_encoder = dict(width=32, depth=1, num_heads=2, n_mels=32, downsample=8)
+  m.text_encoder.update(width=32, depth=1, num_heads=2)
+  m.image_encoder.update(patch_size=8, width=32, depth=1, num_heads=2)
+  m.audio_encoder.update(width=32, depth=1, num_heads=2, n_mels=32, downsample=8)
   m.fusion = dict(self_depth=1, cross_depth=1, num_heads=2, cross_attention=True)
   m.generator.update(z_dim=16, w_dim=32, mapping_layers=2, channels=(32, 16, 16, 8), num_heads=2)
   m.refiner.update(channels=(8, 16), num_groups=4, num_heads=2, num_res_blocks=1, patch_size=2)

@@ -25,9 +25,9 @@ def get_config(arg: str | None = None):
   m.modalities = ('text', 'image', 'audio')  # text = the class label (and captions when provided)
   m.dtype = 'bfloat16'
   m.width = m.embed_dim = 512
-  m.text_encoder = dict(width=512, depth=4, num_heads=8)
-  m.image_encoder = dict(patch_size=8, width=512, depth=6, num_heads=8)
-  m.audio_encoder = dict(width=512, depth=6, num_heads=8, n_mels=128, downsample=4)
+  m.text_encoder.update(width=512, depth=4, num_heads=8)
+  m.image_encoder.update(patch_size=8, width=512, depth=6, num_heads=8)
+  m.audio_encoder.update(width=512, depth=6, num_heads=8, n_mels=128, downsample=4)
   m.fusion = dict(self_depth=2, cross_depth=2, num_heads=8, cross_attention=True)
   m.codec = dict(type='kl', channels=(128, 256, 512), latent_channels=4, num_res_blocks=2, num_groups=32,
                  checkpoint='')

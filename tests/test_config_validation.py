@@ -14,7 +14,7 @@ import time
 import jax
 import pytest
 
-from configs import coco, shapes, vggsound
+from configs import coco, conceptual_captions, shapes, vggsound
 from helpers import override
 from mmgan_jax import config_validation as cv
 from mmgan_jax.data import tokenizer
@@ -130,7 +130,9 @@ def test_every_problem_is_reported_at_once():
 
 SHIPPED = [(shapes, None, 1), (shapes, 'smoke', 1), (shapes, 'noisy', 1), (shapes, 'res=64', 1),
            (shapes, 'steps=7', 1), (shapes, 'smoke', 8), (shapes, None, 8), (coco, None, 8), (coco, 'res=128', 8),
-           (coco, None, 1), (vggsound, None, 8), (vggsound, 'seconds=10', 8), (vggsound, None, 1)]
+           (coco, None, 1), (vggsound, None, 8), (vggsound, 'seconds=10', 8), (vggsound, None, 1),
+           (shapes, 'pretrained_text', 1), (coco, 'smoke', 1), (vggsound, 'smoke', 1), (conceptual_captions, None, 8),
+           (conceptual_captions, 'smoke', 1)]
 
 
 @pytest.mark.parametrize('module, arg, num_devices', SHIPPED,

@@ -152,6 +152,10 @@ def load_text_codec(path: str, *, pad: str, bos: str, eos: str) -> TextCodec:
     tok = tokenizers.Tokenizer.from_file(file)
   except Exception as e:  # pylint: disable=broad-except  # a corrupt file is a config error, said in one line
     raise ValueError(f'{file} is not a readable tokenizers file: {e}') from None
+  # TextCodec lays out BOS/EOS/PAD itself; a saved tokenizer may switch on its own padding/truncation (MiniLM's
+  # pads every text to 128), which would put PAD before EOS and mark it valid.
+  tok.no_padding()
+  tok.no_truncation()
   return TextCodec(tok, pad_token=pad, bos_token=bos, eos_token=eos)
 
 

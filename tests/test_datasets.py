@@ -298,3 +298,11 @@ def test_a_few_training_steps_on_vggsound(vggsound_dir):
     state, metrics = trainer.train_step(s, state, trainer.next_batch(s), step)
   values = {k: float(v) for k, v in jax.device_get(metrics).items()}
   assert all(np.isfinite(v) for v in values.values()), values
+
+
+def test_a_held_out_split_with_no_readable_record_is_a_clear_error(tmp_path):
+  data_dir = testing.make_conceptual_captions(
+      str(tmp_path), num_train=8, num_validation=3,
+      corrupt=[('validation', r, 'garbage') for r in range(3)])
+  with pytest.raises(records.DataError, match='no held-out record could be read'):
+    registry.make_data(data_config(cc_config, data_dir))

@@ -16,6 +16,7 @@ so a trial build never shadows the full one. Running it again on a built config 
 dir or index, a bad setting or a split without any usable clip stops with one line (exit status 2).
 """
 
+import importlib.util
 import logging
 import os
 import sys
@@ -55,6 +56,8 @@ def main(argv):
   if not os.path.isfile(os.path.join(manual_dir, 'vggsound.csv')):
     _fail(f'{os.path.join(manual_dir, "vggsound.csv")} not found; put the official VGGSound index there '
           '(rows youtube_id,start_seconds,label,split; https://www.robots.ox.ac.uk/~vgg/data/vggsound/).')
+  if importlib.util.find_spec('av') is None:
+    _fail("PyAV is not installed; it decodes the clips: pip install -e '.[vggsound]'")
   logging.getLogger().setLevel(logging.INFO)
 
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

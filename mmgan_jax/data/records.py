@@ -84,20 +84,33 @@ class SkipBadRecords:
     return f'SkipBadRecords({self.source!r})'
 
 
+def _image_problem(r: dict[str, Any], image_size: int) -> str | None:
+  image = np.asarray(r.get('image'))
+  if image.shape != (image_size, image_size, 3) or image.dtype != np.uint8:
+    return f'image is {image.dtype}{list(image.shape)}, expected uint8[{image_size}, {image_size}, 3]'
+  return None
+
+
+def _captions_problem(r: dict[str, Any]) -> str | None:
+  captions = r.get('captions')
+  if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+    return 'no caption, or an empty one'
+  return None
+
+
 def check_shapes_record(image_size: int, audio_samples: int) -> Check:
   """The checks a "shapes"-style record (image, captions, audio, attributes) must pass before it is used."""
 
   def check(r: dict[str, Any]) -> str | None:
-    image, audio = np.asarray(r.get('image')), np.asarray(r.get('audio'))
-    if image.shape != (image_size, image_size, 3) or image.dtype != np.uint8:
-      return f'image is {image.dtype}{list(image.shape)}, expected uint8[{image_size}, {image_size}, 3]'
+    if (problem := _image_problem(r, image_size)) is not None:
+      return problem
+    audio = np.asarray(r.get('audio'))
     if audio.shape != (audio_samples,) or not np.issubdtype(audio.dtype, np.floating):
       return f'audio is {audio.dtype}{list(audio.shape)}, expected float[{audio_samples}]'
     if not np.all(np.isfinite(audio)):
       return 'audio has NaN/Inf samples'
-    captions = r.get('captions')
-    if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
-      return 'no caption, or an empty one'
+    if (problem := _captions_problem(r)) is not None:
+      return problem
     attributes = np.asarray(r.get('attributes'))
     if attributes.shape != (4,) or not np.issubdtype(attributes.dtype, np.integer):
       return f'attributes are {attributes.dtype}{list(attributes.shape)}, expected 4 integers'
@@ -111,12 +124,9 @@ def check_decoded_record(image_size: int, audio_samples: int | None) -> Check:
   least `audio_samples` long (None: the dataset has no audio)."""
 
   def check(r: dict[str, Any]) -> str | None:
-    image = np.asarray(r.get('image'))
-    if image.shape != (image_size, image_size, 3) or image.dtype != np.uint8:
-      return f'image is {image.dtype}{list(image.shape)}, expected uint8[{image_size}, {image_size}, 3]'
-    captions = r.get('captions')
-    if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
-      return 'no caption, or an empty one'
+    problem = _image_problem(r, image_size) or _captions_problem(r)
+    if problem is not None:
+      return problem
     if audio_samples is not None:
       audio = np.asarray(r.get('audio'))
       if audio.ndim != 1 or len(audio) < audio_samples:

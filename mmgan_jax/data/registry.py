@@ -72,8 +72,7 @@ def make_data(cfg, *, process_index: int = 0, process_count: int = 1, seed_offse
   if num_eval <= 0:
     raise ValueError(f'config.data.num_eval must be positive, got {num_eval}.')
   make = _make_shapes if cfg.name == 'shapes' else _make_real
-  data = make(cfg, process_index=process_index, process_count=process_count, seed_offset=seed_offset)
-  return data
+  return make(cfg, process_index=process_index, process_count=process_count, seed_offset=seed_offset)
 
 
 def _check_eval_request(batch_size: int, num_examples: int, num_eval: int) -> None:

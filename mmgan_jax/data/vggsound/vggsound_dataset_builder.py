@@ -47,7 +47,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
-import av
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -315,7 +314,20 @@ def fit_audio(samples: np.ndarray, config: VggsoundConfig, what: str) -> np.ndar
   return out
 
 
+AV_INSTALL = "pip install -e '.[vggsound]'"
+
+
+def _av():
+  """PyAV, imported only when clips are decoded: reading the built shards for training does not need it."""
+  try:
+    import av  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(f'building VGGSound decodes the clips with PyAV, which is not installed: {AV_INSTALL}') from None
+  return av
+
+
 def _open(path: str, what: str):
+  av = _av()
   try:
     return av.open(path, metadata_errors='ignore')
   except Exception as e:  # pylint: disable=broad-except  (any FFmpeg error means a file we cannot read)
@@ -326,7 +338,7 @@ class _AudioCollector:
   """Decoded audio frames -> mono s16 at the target rate (FFmpeg swresample), concatenated."""
 
   def __init__(self, sample_rate: int):
-    self._resampler = av.AudioResampler(format='s16', layout='mono', rate=sample_rate)
+    self._resampler = _av().AudioResampler(format='s16', layout='mono', rate=sample_rate)
     self._chunks: list[np.ndarray] = []
     self.num_samples = 0
 
@@ -345,7 +357,7 @@ class _AudioCollector:
 
 def _container_seconds(container, stream) -> float | None:
   if container.duration is not None and container.duration > 0:
-    return container.duration / av.time_base
+    return container.duration / _av().time_base
   if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
     return float(stream.duration * stream.time_base)
   return None

@@ -88,7 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Model. Widths are the CPU demo's; coco.py / vggsound.py scale them up.
   m = ml_collections.ConfigDict()
   m.modalities = ('text', 'image', 'audio')
-  m.dtype = 'float32'
+  m.dtype = 'float32'  # compute dtype ('bfloat16': bf16 activations and matmuls; parameters stay float32)
+  m.remat = 'none'  # rematerialisation: 'none' | 'blocks' (keep residual-block outputs) | 'full' (per component)
   m.width = 64  # shared token width D
   m.embed_dim = 64  # shared-latent vector size E
   # Encoders: ours (type='own': the size fields) or a transformers Flax model; see encoder_fields().
@@ -141,6 +142,7 @@ def get_config() -> ml_collections.ConfigDict:
       g_lr=2e-3, d_lr=2e-3, gan_b1=0.0, gan_b2=0.99,
       rep_lr=5e-4, rep_b1=0.9, rep_b2=0.99, rep_weight_decay=1e-4, warmup_steps=100,
       grad_clip=0.0, frozen=(),
+      grad_accum=1,  # micro-batches per step (gradients averaged; activation memory of one micro-batch)
   ))
   c.ema = dict(half_life_images=5_000, rampup=0.05)
   c.max_nonfinite_steps = 5  # consecutive skipped (NaN/Inf) steps before training stops with an error

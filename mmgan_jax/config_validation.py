@@ -286,6 +286,7 @@ def _resolution(p: _Checker, dataset: str | None) -> int | None:
 
 def _model(p: _Checker, modalities: tuple[str, ...] | None, latent: int | None) -> None:
   p.choice('model.dtype', tuple(mmgan.DTYPES))
+  p.choice('model.remat', mmgan.REMAT, why="'blocks' keeps residual-block outputs, 'full' only component inputs")
   p.integer('model.width', 1)
   p.integer('model.embed_dim', 1)
   mods = modalities or ()
@@ -472,9 +473,20 @@ def _data(p: _Checker, sizes: dict[str, int] | None, batch_axes) -> str | None:
       p.add(f'data.{field}', v, 'allowed: a string.')
   p.integer('data.tokenizer.vocab_size', 16, why='the size of the WordPiece vocabulary learned for a real dataset')
   p.integer('data.tokenizer.min_frequency', 1)
-  if batch is not None and sizes is not None and batch_axes is not None:
+  accum = p.integer('optim.grad_accum', 1, why='micro-batches per step; 1 switches accumulation off')
+  if batch is not None and accum is not None and batch % accum == 0 and batch // accum < 2:
+    p.add('optim.grad_accum', accum, f'leaves micro-batches of {batch // accum} example; allowed: a divisor of '
+          f'config.data.global_batch={batch} that leaves at least 2 examples per micro-batch.')
+  if batch is not None and accum is not None and batch % accum:
+    p.add('optim.grad_accum', accum, f'does not divide config.data.global_batch={batch}; allowed: a divisor of '
+          'the global batch.')
+  elif batch is not None and sizes is not None and batch_axes is not None:
     n = math.prod(sizes.get(a, 1) for a in batch_axes)
-    if batch % n:
+    if accum and accum > 1 and (batch // accum) % n:
+      p.add('optim.grad_accum', accum, f'leaves micro-batches of {batch // accum} examples, which the {n} devices '
+            f'of the batch mesh axes {tuple(batch_axes)} cannot share evenly; allowed: config.data.global_batch '
+            f'a multiple of {n} * grad_accum.')
+    elif batch % n:
       p.add('data.global_batch', batch, f'must be divisible by the {n} devices of the batch mesh axes '
             f'{tuple(batch_axes)} (config.mesh.shape resolves to {tuple(sizes.values())}); allowed: a multiple '
             f'of {n}, e.g. {n * max(1, batch // n)} or {n * (batch // n + 1)}.')

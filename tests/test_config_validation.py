@@ -64,6 +64,10 @@ BAD = [
     ({'refine.t_start': 1001}, 1, 'config.refine.t_start', 'an integer in [0, 1000]'),
     ({'refine.guidance': -1.0}, 1, 'config.refine.guidance', '[0, inf)'),
     ({'model.dtype': 'float16'}, 1, 'config.model.dtype', "one of ('float32', 'bfloat16')"),
+    ({'model.remat': 'some'}, 1, 'config.model.remat', "one of ('none', 'blocks', 'full')"),
+    ({'optim.grad_accum': 3}, 1, 'config.optim.grad_accum', 'does not divide config.data.global_batch=8'),
+    ({'optim.grad_accum': 8}, 1, 'config.optim.grad_accum', 'micro-batches of 1 example'),
+    ({'optim.grad_accum': 4}, 4, 'config.optim.grad_accum', 'a multiple of 4 * grad_accum'),
     ({'model.text_encoder.num_heads': 3}, 1, 'config.model.text_encoder.num_heads', '[1, 2, 4, 8, 16, 32]'),
     ({'model.text_decoder.num_heads': 64}, 1, 'config.model.text_decoder.num_heads', '[1, 2, 4, 8, 16, 32]'),
     ({'model.audio_encoder.num_heads': 5}, 1, 'config.model.audio_encoder.num_heads', 'config.model.audio_encoder'

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmgan_jax.models.layers import block_output
+
 Array = Any
 Dtype = Any
 
@@ -104,7 +106,7 @@ class ResBlock(nn.Module):
     h = conv(self.out_channels, 3, name='conv2', **kw)(h)
     if x.shape[-1] != self.out_channels:
       x = conv(self.out_channels, 1, name='skip', **kw)(x)
-    return x + h
+    return block_output(x + h)
 
 
 def upsample2x(x: Array) -> Array:

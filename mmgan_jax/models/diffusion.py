@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmgan_jax.models.codec import ResBlock, conv, group_norm, upsample2x
-from mmgan_jax.models.layers import attention, dense, sinusoidal_embedding
+from mmgan_jax.models.layers import attention, block_output, dense, sinusoidal_embedding
 
 Array = Any
 Dtype = Any
@@ -216,7 +216,7 @@ class CrossAttentionBlock(nn.Module):
     y = nn.LayerNorm(name='ln_cross', **kw)(x)
     mask = jnp.broadcast_to(memory_mask[:, None, None, :], (b, 1, hh * ww, memory.shape[1]))
     x = x + attention(self.num_heads, name='cross_attn', **kw)(y, memory, mask=mask)
-    return x.reshape(b, hh, ww, c)
+    return block_output(x.reshape(b, hh, ww, c))
 
 
 class Denoiser(nn.Module):

@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmgan_jax.models.generator import EqualConv, EqualDense, num_resolutions, lrelu
-from mmgan_jax.models.layers import sinusoidal_embedding
+from mmgan_jax.models.layers import block_output, sinusoidal_embedding
 
 Array = Any
 Dtype = Any
@@ -80,7 +80,7 @@ class DiscriminatorBlock(nn.Module):
       h = h + EqualDense(cin, use_bias=False, name='temb_proj', **kw)(temb)[:, None, None, :]
     h = lrelu(h)
     h = lrelu(EqualConv(self.out_channels, 3, down=2, name='conv1', **kw)(h))
-    return (h + skip) * math.sqrt(0.5)
+    return block_output((h + skip) * math.sqrt(0.5))
 
 
 class Discriminator(nn.Module):

@@ -44,7 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmgan_jax.models.layers import attention, dense
+from mmgan_jax.models.layers import attention, block_output, dense
 
 Array = Any
 Dtype = Any
@@ -236,7 +236,7 @@ class SynthesisLayer(nn.Module):
         n = jax.random.normal(self.make_rng('noise'), (b, h, wd, 1), self.dtype)
         y = y + n * strength.astype(self.dtype)
     bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
-    return lrelu(y + bias.astype(self.dtype))
+    return block_output(lrelu(y + bias.astype(self.dtype)))
 
 
 class ToRGB(nn.Module):
@@ -283,7 +283,7 @@ class TokenCrossAttention(nn.Module):
     y = attention(heads, name='attn', **kw)(q, kv, mask=mask, deterministic=True)
     has_tokens = jnp.any(token_mask, axis=-1)[:, None, None]
     y = jnp.where(has_tokens, y, jnp.zeros_like(y))
-    return x + y.reshape(b, h, w, c).astype(x.dtype)
+    return block_output(x + y.reshape(b, h, w, c).astype(x.dtype))
 
 
 class MappingNetwork(nn.Module):

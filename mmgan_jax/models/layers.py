@@ -21,11 +21,22 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Array = Any
 Dtype = Any
 
 default_kernel_init = nn.initializers.lecun_normal()
+
+# Rematerialisation (config.model.remat, see mmgan.remat_policy): every residual block names its output with
+# `block_output`, and 'blocks' remat keeps only these named tensors for the backward pass, recomputing the
+# inside of each block.
+BLOCK_OUTPUT = 'mmgan_block_output'
+
+
+def block_output(x: Array) -> Array:
+  """Marks a residual block's output as a rematerialisation boundary (an identity otherwise)."""
+  return checkpoint_name(x, BLOCK_OUTPUT)
 
 
 def dense(
@@ -150,7 +161,7 @@ class TransformerBlock(nn.Module):
 
     y = nn.LayerNorm(name='ln_mlp', **kw)(x)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, name='mlp', **kw)(y, deterministic=deterministic)
-    return x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    return block_output(x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic))
 
 
 def sinusoidal_embedding(positions: Array, dim: int, max_period: float = 10_000.0) -> Array:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmgan_jax.models import codec as codec_lib
-from mmgan_jax.models import diffusion, encoders, fusion, pretrained, text_decoder
+from mmgan_jax.models import diffusion, encoders, fusion, layers, pretrained, text_decoder
 from mmgan_jax.models.discriminator import Discriminator
 from mmgan_jax.models.generator import Generator
 
@@ -39,6 +39,8 @@ GENERATE_SOURCES = ('text', 'audio')
 CAPTION_SOURCES = ('image', 'audio')
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# config.model.remat: what the backward pass keeps of each component's forward (see `checkpointed`).
+REMAT = ('none', 'blocks', 'full')
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -61,6 +63,7 @@ class Model:
   vocab_size: int
   pad_id: int  # the text codec's padding id (masked out of the captioning loss)
   frozen_encoders: tuple[str, ...] = ()  # encoders with train.mode='frozen': no gradient is even computed
+  remat: str = 'none'  # one of REMAT
 
   @property
   def generate_sources(self) -> tuple[str, ...]:
@@ -160,7 +163,28 @@ def build_model(cfg, *, image_size: int, vocab_size: int, max_text_len: int, sam
       text_decoder=dec, codec=codec, image_shape=image_shape, latent_shape=tuple(latent),
       alpha_bar_refiner=diffusion.cosine_alpha_bar(r.num_timesteps),
       alpha_bar_disc=diffusion.cosine_alpha_bar(d.num_timesteps),
-      max_text_len=max_text_len, vocab_size=vocab_size, pad_id=pad_id, frozen_encoders=frozen)
+      max_text_len=max_text_len, vocab_size=vocab_size, pad_id=pad_id, frozen_encoders=frozen,
+      remat=_check_remat(getattr(cfg, 'remat', 'none')))
+
+
+def _check_remat(remat: str) -> str:
+  if remat not in REMAT:
+    raise ValueError(f'config.model.remat must be one of {REMAT}, got {remat!r}.')
+  return remat
+
+
+def checkpointed(model: Model, fn):
+  """`fn` (a component's forward) under the model's rematerialisation policy (config.model.remat).
+
+  'none': the backward pass keeps every intermediate. 'blocks': it keeps only the residual blocks' outputs
+  (`layers.block_output`) and recomputes each block's inside (about one extra forward of the component, the
+  activation memory of one block at a time plus the block boundaries). 'full': it keeps only the component's
+  inputs and recomputes its whole forward. The values and gradients are the same in every mode.
+  """
+  if model.remat == 'none':
+    return fn
+  policy = None if model.remat == 'full' else jax.checkpoint_policies.save_only_these_names(layers.BLOCK_OUTPUT)
+  return jax.checkpoint(fn, policy=policy)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -248,18 +272,21 @@ def encode(model: Model, params: Mapping[str, Params], batch: Mapping[str, Array
     p = params[module.name]
     if module.name in model.frozen_encoders:  # zero gradient anyway (optax set_to_zero); skip its backward pass
       p = jax.lax.stop_gradient(p)
-    feats[m] = module.apply({'params': p}, *_encoder_inputs(m, batch), deterministic=deterministic, rngs=rngs)
-  return model.fusion.apply({'params': params['fusion']}, feats, present, model.tasks,
-                            deterministic=deterministic, rngs=rngs)
+    apply = lambda p, inputs, r, module=module: module.apply({'params': p}, *inputs, deterministic=deterministic,
+                                                              rngs=r)
+    feats[m] = checkpointed(model, apply)(p, _encoder_inputs(m, batch), rngs)
+  fuse = lambda p, f, pr, r: model.fusion.apply({'params': p}, f, pr, model.tasks, deterministic=deterministic,
+                                                rngs=r)
+  return checkpointed(model, fuse)(params['fusion'], feats, present, rngs)
 
 
 def image_embedding(model: Model, params: Mapping[str, Params], images: Array) -> Array:
   """Shared-latent vector s_image (B, E) of pixel images in [-1, 1] (used for G's semantic-consistency loss)."""
   module = model.encoders['image']
-  tokens, mask = module.apply({'params': params[module.name]}, images)
-  _, s = model.fusion.apply({'params': params['fusion']}, 'image', tokens, mask,
-                            method=fusion.ModalityFusion.embed)
-  return s
+  tokens, mask = checkpointed(model, lambda p, x: module.apply({'params': p}, x))(params[module.name], images)
+  embed = lambda p, tok, msk: model.fusion.apply({'params': p}, 'image', tok, msk,
+                                                 method=fusion.ModalityFusion.embed)[1]
+  return checkpointed(model, embed)(params['fusion'], tokens, mask)
 
 
 def to_latent(model: Model, codec_params: Params, latent_scale: Array, images: Array) -> Array:
@@ -270,27 +297,32 @@ def to_latent(model: Model, codec_params: Params, latent_scale: Array, images: A
 
 def to_image(model: Model, codec_params: Params, latent_scale: Array, latents: Array) -> Array:
   """Latents -> images (differentiable; used to feed generated latents to the image encoder and to summaries)."""
-  return model.codec.apply({'params': codec_params}, latents / latent_scale, method='decode')
+  decode = lambda p, z: model.codec.apply({'params': p}, z, method='decode')
+  return checkpointed(model, decode)(codec_params, latents / latent_scale)
 
 
 def generate(model: Model, gen_params: Params, z: Array, cond: Mapping[str, Array], *, noise_key: Array | None,
              truncation_psi: float = 1.0, w_avg: Array | None = None) -> Array:
   """G(z, cond, T) -> latents (B, h, w, c). `noise_key` None switches the per-pixel noise off."""
   rngs = {'noise': noise_key} if noise_key is not None else {}
-  x, _ = model.generator.apply({'params': gen_params}, z, cond['cond'], cond['tokens'], cond['mask'],
-                               noise=noise_key is not None, truncation_psi=truncation_psi, w_avg=w_avg,
-                               rngs=rngs)
-  return x.astype(jnp.float32)
+
+  def apply(p, z, c, w_avg, rngs):
+    return model.generator.apply({'params': p}, z, c['cond'], c['tokens'], c['mask'], noise=noise_key is not None,
+                                 truncation_psi=truncation_psi, w_avg=w_avg, rngs=rngs)[0]
+
+  return checkpointed(model, apply)(gen_params, z, cond, w_avg, rngs).astype(jnp.float32)
 
 
 def refiner_fn(model: Model, ref_params: Params, cond: Mapping[str, Array], *, guidance: float = 1.0):
   """Closure eps_theta(x_t, t) conditioned on `cond`, optionally with classifier-free guidance."""
 
+  apply = checkpointed(model, lambda p, x_t, t, c, keep: model.refiner.apply(
+      {'params': p}, x_t, t, c['cond'], keep, c['tokens'], c['mask']))
+
   def fn(x_t, t):
-    out = model.refiner.apply({'params': ref_params}, x_t, t, cond['cond'], None, cond['tokens'], cond['mask'])
+    out = apply(ref_params, x_t, t, cond, None)
     if guidance != 1.0:
-      out_u = model.refiner.apply({'params': ref_params}, x_t, t, cond['cond'],
-                                  jnp.zeros(x_t.shape[:1], bool), cond['tokens'], cond['mask'])
+      out_u = apply(ref_params, x_t, t, cond, jnp.zeros(x_t.shape[:1], bool))
       out = diffusion.classifier_free_guidance(out, out_u, guidance)
     return out
 
@@ -308,14 +340,15 @@ def refine(model: Model, ref_params: Params | None, x: Array, cond: Mapping[str,
 
 
 def discriminate(model: Model, disc_params: Params, y: Array, t: Array, cond: Array) -> Array:
-  logits, _ = model.discriminator.apply({'params': disc_params}, y, t, cond)
-  return logits.astype(jnp.float32)
+  apply = lambda p, y, t, c: model.discriminator.apply({'params': p}, y, t, c)[0]
+  return checkpointed(model, apply)(disc_params, y, t, cond).astype(jnp.float32)
 
 
 def caption_logits(model: Model, dec_params: Params, ids: Array, cond: Mapping[str, Array], *,
                    deterministic: bool = True, rngs=None) -> Array:
-  return model.text_decoder.apply({'params': dec_params}, ids, cond['tokens'], cond['mask'],
-                                  deterministic=deterministic, rngs=rngs or {})
+  apply = lambda p, ids, tok, msk, r: model.text_decoder.apply({'params': p}, ids, tok, msk,
+                                                               deterministic=deterministic, rngs=r)
+  return checkpointed(model, apply)(dec_params, ids, cond['tokens'], cond['mask'], rngs or {})
 
 
 def decode_fn(model: Model, dec_params: Params):

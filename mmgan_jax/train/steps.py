@@ -25,6 +25,13 @@ G step, two gradient paths:
 
 Non-finite losses or gradients: the update is skipped (the state is kept), `adaptive['nonfinite']` counts
 consecutive skips and the metrics report it; the trainer stops with an error after `max_nonfinite_steps`.
+
+Gradient accumulation (`config.optim.grad_accum` = A > 1): each step splits its batch into A interleaved
+micro-batches (rows i, i + A, ...: on a batch-sharded mesh every device keeps its own rows, no communication),
+computes the gradients and loss terms of each in a `lax.scan` with its own random stream, and applies their
+mean once. Activation memory is that of one micro-batch. Losses that couple examples (InfoNCE negatives, the
+mismatched pairs, minibatch-stddev groups, the mode-seeking pairs) see B / A examples at a time, so A > 1 is
+the B / A training problem with B / A-times less noisy updates, not bit-for-bit the large batch.
 """
 
 from __future__ import annotations
@@ -55,9 +62,10 @@ class Steps:
   d_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
   d_step_r1: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
   g_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
-  # The raw gradients (for tests and debugging): D's with R1, and every G-side component's.
-  d_grads: Callable[[TrainState, Batch], Any]
-  g_grads: Callable[[TrainState, Batch], Any]
+  # The raw gradients (for tests and debugging): D's with R1, and every G-side component's; (state, batch) or
+  # (state, micro_batch, micro_index) for one micro-batch of gradient accumulation.
+  d_grads: Callable[..., Any]
+  g_grads: Callable[..., Any]
 
 
 def sample_presence(model: mmgan.Model, key: jax.Array, batch_size: int, p_drop: float
@@ -110,10 +118,29 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   pairs = list(itertools.combinations(model.modalities, 2))
   captions_on = model.text_decoder is not None and lc.caption > 0
   pad_id = model.pad_id
+  accum = int(getattr(config.optim, 'grad_accum', 1))
 
-  def keys(state: TrainState, stream: int, n: int):
+  def keys(state: TrainState, stream: int, n: int, micro=None):
     k = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), stream)
+    if micro is not None:  # gradient accumulation: an independent stream per micro-batch
+      k = jax.random.fold_in(k, micro)
     return jax.random.split(k, n)
+
+  def accumulate(compute, state: TrainState, batch: Batch):
+    """compute(state, batch, micro) -> pytree of floats; its mean over the `accum` micro-batches."""
+    if accum == 1:
+      return compute(state, batch, None)
+    split = jax.tree.map(lambda x: jnp.moveaxis(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 1, 0),
+                         batch)
+    first = jax.tree.map(lambda x: x[0], split)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(compute, state, first, 0))
+
+    def body(total, xs):
+      i, micro = xs
+      return jax.tree.map(jnp.add, total, compute(state, micro, i)), None
+
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), split))
+    return jax.tree.map(lambda x: x / accum, total)
 
   def sample_t(key, b, t_max):
     if not noise_aware:
@@ -139,9 +166,9 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   # --------------------------------------------------------------------------------------------------------
   # Discriminator.
 
-  def d_compute(state: TrainState, batch: Batch, with_r1: bool):
+  def d_compute(state: TrainState, batch: Batch, with_r1: bool, micro=None):
     """D loss gradients (w.r.t. the discriminator params) and the loss terms."""
-    ks = keys(state, _D_STREAM, 8)
+    ks = keys(state, _D_STREAM, 8, micro)
     b = batch['image'].shape[0]
     present = sample_presence(model, ks[0], b, config.modality_dropout)
     cond = conditions(state, batch, present)
@@ -169,7 +196,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     return grads, loss, aux
 
   def d_step_impl(state: TrainState, batch: Batch, with_r1: bool):
-    grads, loss, aux = d_compute(state, batch, with_r1)
+    grads, loss, aux = accumulate(lambda s, b, i: d_compute(s, b, with_r1, i), state, batch)
     t_max = state.adaptive['t_max']
     updates, opt_d = tx_d.update(grads, state.opt_d, state.params['discriminator'])
     params = dict(state.params, discriminator=optax.apply_updates(state.params['discriminator'], updates))
@@ -216,17 +243,18 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       eps = jax.random.normal(ks[1], x0.shape, jnp.float32)
       x_t = diffusion.q_sample(ab_ref, x0, t, eps)
       keep = jax.random.uniform(ks[2], (b,)) >= config.model.refiner.cond_dropout
-      out = model.refiner.apply({'params': rep_params['refiner']}, x_t, t, cond['cond'], keep, cond['tokens'],
-                                cond['mask'])
+      apply = lambda p, x_t, t, c, keep: model.refiner.apply({'params': p}, x_t, t, c['cond'], keep, c['tokens'],
+                                                             c['mask'])
+      out = mmgan.checkpointed(model, apply)(rep_params['refiner'], x_t, t, cond, keep)
       target = diffusion.denoising_target(x0, eps, t, ab_ref, prediction)
       terms['refiner/denoise_loss'] = diffusion.denoising_loss(out, target)
       total = total + lc.denoise * terms['refiner/denoise_loss']
     terms['align/logit_scale'] = scale
     return total, (terms, jax.lax.stop_gradient(enc['generate']))
 
-  def g_compute(state: TrainState, batch: Batch):
+  def g_compute(state: TrainState, batch: Batch, micro=None):
     """Gradients for every G-side component, the adaptive weight, and the loss terms."""
-    ks = keys(state, _G_STREAM, 12)
+    ks = keys(state, _G_STREAM, 12, micro)
     b = batch['image'].shape[0]
     present = sample_presence(model, ks[0], b, config.modality_dropout)
     rep_params = {k: v for k, v in g_side(state.params).items() if k != 'generator'}
@@ -297,7 +325,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     return grads, lam, metrics
 
   def g_step(state: TrainState, batch: Batch):
-    grads, lam, metrics = g_compute(state, batch)
+    grads, lam, metrics = accumulate(g_compute, state, batch)
     b = batch['image'].shape[0]
     params_g = g_side(state.params)
     updates, opt_g = tx_g.update(grads, state.opt_g, params_g)
@@ -316,6 +344,17 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
                     'guard/nonfinite_streak': new.adaptive['nonfinite']})
     return new, metrics
 
+  def d_grads(state: TrainState, batch: Batch, micro=None):
+    """D's gradients (with R1) as the step computes them; with `micro`, of one micro-batch's random stream."""
+    if micro is not None:
+      return d_compute(state, batch, True, micro)[0]
+    return accumulate(lambda s, b, i: d_compute(s, b, True, i), state, batch)[0]
+
+  def g_grads(state: TrainState, batch: Batch, micro=None):
+    """Every G-side component's gradients as the step computes them; `micro` as in `d_grads`."""
+    if micro is not None:
+      return g_compute(state, batch, micro)[0]
+    return accumulate(g_compute, state, batch)[0]
+
   return Steps(d_step=lambda s, b: d_step_impl(s, b, False), d_step_r1=lambda s, b: d_step_impl(s, b, True),
-               g_step=g_step, d_grads=lambda s, b: d_compute(s, b, True)[0],
-               g_grads=lambda s, b: g_compute(s, b)[0])
+               g_step=g_step, d_grads=d_grads, g_grads=g_grads)

@@ -7,7 +7,8 @@ r"""Evaluates a trained checkpoint (EMA weights) with the evaluators the config 
 Writes WORKDIR/eval/metrics.json and WORKDIR/eval/metrics.md (the numbers plus N, resolution, refinement
 steps, seed and checkpoint step). Real-set FID features are cached in WORKDIR/eval/cache. Use the config the
 run was trained with. A missing checkpoint, weights file or a bad config value stops with one line saying what
-to do (exit status 2).
+to do (exit status 2). Several processes: the flags of launch/train.py (--coordinator_address, --num_processes,
+--process_id), or none on TPU pods / srun / mpirun; every process evaluates, process 0 writes the files.
 """
 
 import logging
@@ -24,6 +25,14 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'The training run directory (hol
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
 _NUM = flags.DEFINE_integer('num_examples', None, 'Held-out examples to score (default: config.eval.num_examples).')
 _OUT = flags.DEFINE_string('out_dir', None, 'Where metrics.json/.md go (default: WORKDIR/eval).')
+# Multi-process jobs (docs/tpu_pods.md, docs/gpu_clusters.md). Unset: TPU pods, srun and mpirun are detected.
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0, which serves the JAX '
+                                   'coordinator there (default: JAX_COORDINATOR_ADDRESS or auto-detected).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job (default: auto-detected).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes) '
+                                   '(default: auto-detected).')
+_DIST_TIMEOUT = flags.DEFINE_integer('distributed_timeout_s', 300, 'Seconds to wait for the coordinator and every '
+                                     'process before stopping with an error.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -34,6 +43,8 @@ def main(argv):
   from mmgan_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   from mmgan_jax.train import trainer  # pylint: disable=g-import-not-at-top
   try:
+    trainer.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                         timeout_s=_DIST_TIMEOUT.value)
     metrics, proto = trainer.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, step=_STEP.value,
                                                  num_examples=_NUM.value, out_dir=_OUT.value)
   except (DatasetUnavailableError, FileNotFoundError, ValueError, RuntimeError) as e:

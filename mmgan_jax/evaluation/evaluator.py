@@ -16,8 +16,11 @@ Plug-ins, named in ``config.eval.evaluators`` (see `EVALUATORS`):
              cached on disk per (dataset, split, N, weights).
 
 Every chunk is padded to ``config.eval.batch_size`` so each jitted function compiles once; padded rows are
-dropped before the plug-ins see them. Sampling noise is ``fold_in(PRNGKey(seed + 1_000_003), chunk index)``:
-the same checkpoint, config and seed give the same numbers.
+dropped before the plug-ins see them. With several processes every process runs the same pass on the same
+held-out chunks (host numpy inputs, replicated; parameters stay sharded) and `fetch` gathers each output to
+every host, so the plug-ins compute identical metrics everywhere; only process 0 writes files. Sampling noise
+is ``fold_in(PRNGKey(seed + 1_000_003), chunk index)``: the same checkpoint, config and seed give the same
+numbers.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mmgan_jax.data import oracle
 from mmgan_jax.evaluation import semantic, text_metrics
@@ -47,6 +51,20 @@ CAPTION_SETTINGS = {'image_to_text': ('image',), 'image_audio_to_text': ('image'
 STAGES = ('pre_refine', 'refined')
 
 Chunk = tuple[Mapping[str, np.ndarray], Sequence[Sequence[str]]]
+
+
+def fetch(tree: Any) -> Any:
+  """Host numpy copies of the arrays in `tree`, also for global arrays spread over several processes.
+
+  Arrays this process holds entirely (always the case with one process) are copied as `np.asarray` does;
+  an array with shards on other processes is all-gathered first (a collective: every process must call it).
+  """
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(one, tree)
 
 
 def eval_params(state) -> dict[str, Any]:
@@ -241,7 +259,7 @@ class FIDPlugin(Plugin):
     from mmgan_jax.evaluation import fid, precision_recall  # pylint: disable=g-import-not-at-top
     real = self._real_cached if self._real_cached is not None else np.concatenate(self._real)
     if self._real_cached is None:  # first pass: keep the real features (in memory, and on disk if asked)
-      if self.cache_path:
+      if self.cache_path and jax.process_index() == 0:  # every process has them; one writes the file
         os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
         tmp = self.cache_path + '.tmp.npz'
         np.savez(tmp, features=real)
@@ -379,7 +397,8 @@ class Evaluator:
     present = mmgan.only_present(self.model, size, sources)
     pre, post = self._sample(eval_params(state), state.codec, _pad(self._inputs(batch), size), present,
                              self.key if key is None else key)
-    return np.asarray(pre)[:n], np.asarray(post)[:n]
+    pre, post = fetch((pre, post))
+    return pre[:n], post[:n]
 
   def captions(self, state, batch: Mapping[str, np.ndarray], sources: Sequence[str]) -> list[str]:
     if self._captions is None:
@@ -387,7 +406,7 @@ class Evaluator:
     n = len(batch['image'])
     size = max(n, self.batch_size)
     present = mmgan.only_present(self.model, size, sources)
-    ids = np.asarray(self._captions(eval_params(state), _pad(self._inputs(batch), size), present))
+    ids = fetch(self._captions(eval_params(state), _pad(self._inputs(batch), size), present))
     return self.codec.decode_batch(ids[:n])
 
   def evaluate(self, state, chunks: Iterable[Chunk]) -> dict[str, float]:
@@ -427,7 +446,7 @@ class Evaluator:
             p.captions(setting, preds, refs)
       if any(p.needs_embeddings for p in plugins):
         vectors = self._embed(params, _pad(self._inputs(batch), max(n, self.batch_size)))
-        vectors = {m: np.asarray(v)[:n] for m, v in vectors.items()}
+        vectors = {m: v[:n] for m, v in fetch(vectors).items()}
         for p in plugins:
           if p.needs_embeddings:
             p.embeddings(vectors)

@@ -28,7 +28,7 @@ Dtype = Any
 
 default_kernel_init = nn.initializers.lecun_normal()
 
-# Rematerialisation (config.model.remat, see mmgan.remat_policy): every residual block names its output with
+# Rematerialisation (config.model.remat, see mmgan.checkpointed): every residual block names its output with
 # `block_output`, and 'blocks' remat keeps only these named tensors for the backward pass, recomputing the
 # inside of each block.
 BLOCK_OUTPUT = 'mmgan_block_output'

@@ -4,8 +4,12 @@ Resume order (documented in docs/training.md): build the model and the abstract 
 latest checkpoint in the workdir onto it (arrays land directly on their shards) -> restore the grain iterator
 state -> continue from `state.step`. Saves are asynchronous; `close()` waits for the last one.
 
-The iterator state is the same JSON on every process (all processes consume batches in lock-step), so a run
-can be resumed on a different number of hosts as long as the global batch is unchanged.
+Several processes: every process calls `save` and `restore` (they are collective); each writes and reads only
+the shards it holds, and process 0 writes the metadata and the iterator JSON. The iterator state is the same
+JSON on every process (all processes consume batches in lock-step: {'next_index': batches consumed}). The arrays
+restore onto any mesh and process count (orbax reshards); with another process count the iterator continues at
+the same batch count but each process's slice of the data is a different one, so the examples after a resume
+differ from an uninterrupted run's (the global batch size must stay the same and divisible).
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with items 'state' (pytree) and 'data' (JSON)."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(directory, 'checkpoints'))
+    path = os.path.join(directory, 'checkpoints')
+    self.directory = path if '://' in path else os.path.abspath(path)  # gs://: orbax/tensorstore write it
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))

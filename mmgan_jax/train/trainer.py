@@ -11,16 +11,20 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import sys
+import threading
 import time
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from mmgan_jax import config_validation
 from mmgan_jax.data import registry
-from mmgan_jax.evaluation.evaluator import Evaluator
+from mmgan_jax.evaluation.evaluator import Evaluator, fetch
 from mmgan_jax.models import mmgan
 from mmgan_jax.models import pretrained as pretrained_lib
 from mmgan_jax.train import checkpoint as ckpt_lib
@@ -39,8 +43,27 @@ class WorkdirError(RuntimeError):
   """The workdir cannot be created or written, or has no room for the checkpoints."""
 
 
+def is_url(path: str) -> bool:
+  """A cloud-storage path (gs://bucket/dir): written through orbax / TensorBoard / etils.epath, not os."""
+  return '://' in str(path)
+
+
 def check_workdir(workdir: str, need_bytes: int = 0) -> None:
-  """Creates `workdir` and checks it takes a file and has `need_bytes` free; WorkdirError otherwise."""
+  """Creates `workdir` and checks it takes a file and has `need_bytes` free; WorkdirError otherwise.
+
+  A gs:// workdir is created and probed with one small object (its free space is not knowable).
+  """
+  if is_url(workdir):
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    try:
+      probe = epath.Path(workdir) / f'.write_test_{jax.process_index()}_{os.getpid()}'
+      probe.parent.mkdir(parents=True, exist_ok=True)
+      probe.write_text('ok')
+      probe.unlink()
+    except Exception as e:  # pylint: disable=broad-except  # any storage/permission error of the backend
+      raise WorkdirError(f'workdir {workdir} cannot be written ({type(e).__name__}: {str(e)[:200]}); check the '
+                         'bucket and its credentials, or pass another --workdir.') from e
+    return
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f'.write_test_{os.getpid()}')
@@ -61,14 +84,139 @@ def checkpoint_bytes(config, state) -> int:
   return (int(config.max_checkpoints) + 1) * sum(int(x.nbytes) for x in jax.tree.leaves(state))
 
 
-def maybe_initialize_distributed() -> None:
-  """`jax.distributed.initialize()` when the job spans several processes (TPU pods, GPU clusters)."""
+class DistributedError(RuntimeError):
+  """The multi-process job could not be formed (bad flags, unreachable coordinator, missing processes)."""
+
+
+def _detected_cluster() -> str | None:
+  """The multi-process launcher this process runs under, from its environment; None for a single process.
+
+  The same environments `jax.distributed.initialize()` auto-detects: an explicit JAX_COORDINATOR_ADDRESS,
+  a SLURM job step (srun) or an Open MPI job (mpirun) with several tasks, and Cloud TPU VMs (single- or
+  multi-host: on TPU the call is cheap and gives orbax and the preemption service their coordination client).
+  """
   env = os.environ
-  multi = any(k in env for k in ('JAX_COORDINATOR_ADDRESS', 'MEGASCALE_COORDINATOR_ADDRESS'))
-  multi = multi or int(env.get('SLURM_NTASKS', '1')) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
-  multi = multi or (env.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0)
-  if multi and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  if 'JAX_COORDINATOR_ADDRESS' in env or 'MEGASCALE_COORDINATOR_ADDRESS' in env:
+    return 'JAX_COORDINATOR_ADDRESS'
+  slurm_vars = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID', 'SLURM_LOCALID')
+  if all(k in env for k in slurm_vars) and int(env.get('SLURM_STEP_NUM_TASKS', env['SLURM_NTASKS'])) > 1:
+    return 'SLURM'
+  if 'OMPI_MCA_orte_hnp_uri' in env and int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
+    return 'Open MPI'
+  hosts = env.get('TPU_PROCESS_ADDRESSES') or env.get('TPU_WORKER_HOSTNAMES') or ''
+  if hosts.count(',') > 0:
+    return 'TPU (GKE)'
+  try:
+    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top  # jax's own TPU-VM probe
+    if cloud_tpu_init.running_in_cloud_tpu_vm:
+      return 'Cloud TPU VM'
+  except (ImportError, AttributeError):  # moved in another jax version: TPU pods then need the flags
+    pass
+  return None
+
+
+def _split_address(address: str) -> tuple[str, int]:
+  host, sep, port = address.rpartition(':')
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise DistributedError(f'--coordinator_address={address!r} must be HOST:PORT (process 0\'s host name or IP '
+                           'and a free TCP port, e.g. 10.0.0.2:8476).')
+  return host.strip('[]'), int(port)
+
+
+def _reachable(host: str, port: int, timeout_s: float = 2.0) -> bool:
+  try:
+    with socket.create_connection((host, port), timeout=timeout_s):
+      return True
+  except OSError:
+    return False
+
+
+def _check_coordinator_port(host: str, port: int) -> None:
+  """Process 0 serves the coordinator on `port`: it must be free (a clear error instead of jax's abort)."""
+  try:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+  except socket.gaierror as e:
+    raise DistributedError(f'the coordinator host {host!r} does not resolve ({e.strerror}); pass process 0\'s '
+                           'host name or IP in --coordinator_address.') from None
+  family = infos[0][0]
+  with socket.socket(family, socket.SOCK_STREAM) as probe:
+    try:
+      probe.bind(('::' if family == socket.AF_INET6 else '0.0.0.0', port))
+    except OSError as e:
+      raise DistributedError(f'process 0 cannot serve the coordinator on port {port} ({e.strerror}); pick another '
+                             'port in --coordinator_address.') from None
+
+
+def _log_process_line() -> None:
+  log.info('JAX process %d of %d: %d local devices, %d global devices (%s).', jax.process_index(),
+           jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None, *, timeout_s: int = 300) -> bool:
+  """Joins the multi-process JAX job when there is one; call it before anything touches JAX devices.
+
+  With any argument given, `jax.distributed.initialize` gets them (unset ones it detects from SLURM / Open MPI /
+  TPU environments). Without arguments it is called only when `_detected_cluster()` finds a launcher (TPU pods,
+  srun, mpirun, JAX_COORDINATOR_ADDRESS), so a plain single-process run never waits for peers. CPU processes
+  exchange collectives over gloo (jax's default CPU collectives). Once joined, logs one line per process: its
+  index, the process count and the local/global device counts. Idempotent.
+
+  Args:
+    coordinator_address: HOST:PORT of process 0 (it serves the coordination service there).
+    num_processes: processes in the job.
+    process_id: this process's index in [0, num_processes).
+    timeout_s: how long to wait for the coordinator and all processes; then DistributedError, never a hang.
+
+  Returns:
+    Whether `jax.distributed` was initialised (several processes, or a TPU VM); the process line was logged.
+
+  Raises:
+    DistributedError: bad arguments, a coordinator port in use, or the job not formed within `timeout_s`.
+  """
+  if jax.distributed.is_initialized():
+    return True
+  explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
+  cluster = 'flags' if explicit else _detected_cluster()
+  if cluster is None:
+    return False
+  if num_processes is not None and num_processes < 1:
+    raise DistributedError(f'--num_processes={num_processes} must be at least 1.')
+  if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
+    raise DistributedError(f'--process_id={process_id} must lie in [0, --num_processes={num_processes}).')
+  if timeout_s <= 0:
+    raise DistributedError(f'--distributed_timeout_s={timeout_s} must be positive.')
+  address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  where = None
+  if address:
+    where = _split_address(address)
+    if process_id == 0:
+      _check_coordinator_port(*where)
+  who = (f'process {process_id if process_id is not None else "?"} of {num_processes or "?"} '
+         f'(set-up from {cluster})')
+
+  def give_up() -> None:  # jax aborts the process (a C++ fatal error) at its own timeout: be clearer and first
+    if where is None or _reachable(*where):
+      reason = 'not every process joined (start all of them with the same --num_processes and coordinator)'
+    else:
+      reason = f'nothing answers at the coordinator {address} (is process 0 running there? firewall?)'
+    print(f'error: {who} could not join the JAX job within --distributed_timeout_s={timeout_s}: {reason}.',
+          file=sys.stderr, flush=True)
+    os._exit(2)  # pylint: disable=protected-access
+
+  watchdog = threading.Timer(timeout_s, give_up)
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=int(timeout_s) + 60)
+  except (ValueError, TypeError, RuntimeError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DistributedError(f'{who}: jax.distributed.initialize failed: {first}') from None
+  finally:
+    watchdog.cancel()
+  _log_process_line()
+  return True
 
 
 def _hide_accelerators_from_tf() -> None:
@@ -129,11 +277,8 @@ def setup(config, workdir: str | None, *, devices=None, restore_step: int | None
   with jax.set_mesh(mesh):
     abstract = jax.eval_shape(init, key, weights)
     shardings = state_lib.state_shardings(model, abstract, key, init_batch, mesh, rules)
-    state = jax.jit(init, out_shardings=shardings)(key, weights)
-  del weights
 
-  checkpointer = None
-  start_step = 0
+  state, checkpointer, start_step = None, None, 0
   if workdir:
     checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_checkpoints)
     if restore_step is not None and restore_step not in checkpointer.all_steps():
@@ -144,8 +289,12 @@ def setup(config, workdir: str | None, *, devices=None, restore_step: int | None
       state, data_state = restored
       if data_state:
         data.train.set_state(data_state)
-      start_step = int(jax.device_get(state.step))
+      start_step = int(fetch(state.step))
       log.info('Resumed from %s at step %d.', checkpointer.directory, start_step)
+  if state is None:  # a fresh run (a resumed one skips the init program: its compile and a second copy in memory)
+    with jax.set_mesh(mesh):
+      state = jax.jit(init, out_shardings=shardings)(key, weights)
+  del weights
 
   batch_ndims = {k: np.ndim(v) for k, v in init_batch.items()}  # the model's inputs; labels are not fed
   batch_sh = {k: sharding.batch_sharding(mesh, rules, n) for k, n in batch_ndims.items()}
@@ -172,10 +321,20 @@ def train_step(s: Setup, state, batch, step: int):
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so it can checkpoint before exiting."""
+  """SIGTERM -> a checkpoint at a step boundary, then a clean exit.
+
+  One process: a Python SIGTERM handler sets a flag the loop checks after each step. Several processes: they
+  must all stop at the same step (a checkpoint save is collective), even when only some of them got the
+  signal; jax's preemption service (installed by `jax.distributed.initialize`, it catches SIGTERM itself)
+  propagates the notice and `reached(step)` is true on every process at the same agreed step.
+  """
 
   def __init__(self):
     self.requested = False
+    self._old = None
+    self._sync = jax.distributed.is_initialized() and jax.process_count() > 1
+    if self._sync:
+      return  # keep jax's SIGTERM notifier: a Python handler would replace it
     try:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread
@@ -185,13 +344,23 @@ class _Preemption:
     del signum, frame
     self.requested = True
 
+  def reached(self, step: int) -> bool:
+    """Whether to checkpoint and stop after `step`; call it once after every step (the same on all processes)."""
+    if self._sync and not self.requested:
+      try:
+        self.requested = multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError as e:  # the preemption service is off (jax_enable_preemption_service=False)
+        log.warning('No preemption sync across processes (%s); SIGTERM will not checkpoint.', e)
+        self._sync = False
+    return self.requested
+
   def restore(self):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
 
 
 def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
-  host = jax.device_get(history)
+  host = fetch(history)
   keys = host[-1].keys()
   out = {}
   for k in keys:
@@ -220,7 +389,8 @@ def write_samples(s: Setup, writer, evaluator: Evaluator, state, step: int) -> N
 
 def make_evaluator(s: Setup, workdir: str | None, num_examples: int | None = None) -> Evaluator:
   """The configured plug-in evaluator; real-set FID features are cached under workdir/eval/cache."""
-  cache = s.config.eval.fid.cache_dir or (os.path.join(workdir, 'eval', 'cache') if workdir else None)
+  local_workdir = workdir if workdir and not is_url(workdir) else None  # the FID cache is a local file
+  cache = s.config.eval.fid.cache_dir or (os.path.join(local_workdir, 'eval', 'cache') if local_workdir else None)
   n = int(s.config.eval.num_examples if num_examples is None else num_examples)
   if n > s.data.num_eval:
     raise ValueError(f'config.eval.num_examples={n} is more than the held-out split holds '
@@ -242,13 +412,16 @@ def evaluate_checkpoint(config, workdir: str, *, step: int | None = None, num_ex
   from mmgan_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   _hide_accelerators_from_tf()
   maybe_initialize_distributed()
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+  if is_url(out_dir or workdir):
+    raise ValueError(f'metrics.json/.md are written with local file calls; pass a local --out_dir (workdir '
+                     f'{workdir} is in cloud storage).')
+  if not is_url(workdir) and not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise FileNotFoundError(f'no checkpoints in {workdir}: train first (launch/train.py --workdir={workdir}).')
   s = setup(config, workdir, restore_step=step)
   if s.checkpointer is None or s.checkpointer.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint to evaluate in {workdir}/checkpoints.')
   evaluator = make_evaluator(s, workdir, num_examples)
-  at = int(jax.device_get(s.state.step))
+  at = int(fetch(s.state.step))
   t0 = time.time()
   with jax.set_mesh(s.mesh):
     metrics = evaluate(s, evaluator, s.state)
@@ -268,8 +441,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   _hide_accelerators_from_tf()
   from clu import metric_writers, parameter_overview, periodic_actions  # pylint: disable=g-import-not-at-top
 
-  maybe_initialize_distributed()
+  multi = maybe_initialize_distributed()
   preemption = _Preemption()  # first, so a SIGTERM during set-up is honoured too
+  if not multi:
+    _log_process_line()
   s = None
   try:
     check_workdir(workdir)
@@ -281,6 +456,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if s.start_step == 0:
       writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
+    if s.start_step == 0 and jax.process_index() == 0:
       log.info('Parameters:\n%s', parameter_overview.get_parameter_overview(s.state.params, include_stats=False))
     evaluator = make_evaluator(s, workdir)
     progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
@@ -297,7 +473,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
         history.append(metrics)
         progress(step)
         if step % config.log_every == 0 or step == config.total_steps:
-          streak = float(jax.device_get(history[-1]['guard/nonfinite_streak']))  # the latest, not the mean
+          streak = float(fetch(history[-1]['guard/nonfinite_streak']))  # the latest, not the mean
           scalars = _mean_metrics(history)
           history.clear()
           scalars['steps_per_sec_wall'] = (step - s.start_step) / max(time.time() - t0, 1e-9)
@@ -310,13 +486,14 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
                 '--config.optim.grad_clip; the last good checkpoint is in the workdir.')
         if config.sample_every and step % config.sample_every == 0:
           write_samples(s, writer, evaluator, state, step)
-        saved = bool(s.checkpointer) and (step % config.checkpoint_every == 0 or preemption.requested)
+        stop = preemption.reached(step)
+        saved = bool(s.checkpointer) and (step % config.checkpoint_every == 0 or stop)
         if saved:
-          s.checkpointer.save(step, state, s.data.train.get_state(), force=preemption.requested)
+          s.checkpointer.save(step, state, s.data.train.get_state(), force=stop)
         if (config.eval_every and step % config.eval_every == 0 and step < config.total_steps
             and not preemption.requested):
           writer.write_scalars(step, {f'eval/{k}': v for k, v in evaluate(s, evaluator, state).items()})
-        if preemption.requested:  # (it may have arrived during the evaluation)
+        if preemption.requested:  # (one process: it may have arrived during the evaluation)
           if s.checkpointer and not saved:
             s.checkpointer.save(step, state, s.data.train.get_state(), force=True)
           log.warning('SIGTERM: checkpoint written at step %d; exiting.', step)
@@ -335,6 +512,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   writer.write_scalars(step, {f'eval/{k}': v for k, v in results.items()})
   writer.flush()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
-      json.dump(results, f, indent=2, sort_keys=True)
+    if is_url(workdir):
+      from etils import epath  # pylint: disable=g-import-not-at-top
+      (epath.Path(workdir) / 'eval_results.json').write_text(json.dumps(results, indent=2, sort_keys=True))
+    else:
+      with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
+        json.dump(results, f, indent=2, sort_keys=True)
   return results

@@ -1,7 +1,7 @@
 """One training step on 1 device and on meshes of 2, 4, 8 virtual CPU devices; parameters and metrics compared.
 
-The child process of test_sharded_step_equals_single_device (one 2 x 4 x 1 data x fsdp mesh), and the script
-behind the 1/2/4/8-device exactness table of docs/performance.md:
+The child process of test_sharded_step_equals_single_device (one 2 x 2 x 2 data x fsdp x tensor mesh), and the
+script behind the 1/2/4/8-device exactness table of docs/training.md:
 
   python tests/sharded_equality.py OUT.npz 2x1x1,1x2x2,2x2x2,2x4x1   # prints the largest differences
 
@@ -61,4 +61,4 @@ def main(out: str, meshes: list[tuple[int, ...]]) -> None:
 
 if __name__ == '__main__':
   main(sys.argv[1], [tuple(int(n) for n in m.split('x')) for m in (sys.argv[2] if len(sys.argv) > 2 else
-                                                                   '2x4x1').split(',')])
+                                                                   '2x2x2').split(',')])

@@ -209,7 +209,7 @@ def test_mapping_synthesis_and_truncation(built):
   # __call__ == synthesis(mapping(z, s)).
   x_plain, aux = apply(params, z1, s1, tokens, mask, _key(0), noise=False)
   w = gen.apply(params, z1, s1, method=G.Generator.mapping)
-  np.testing.assert_allclose(w, aux['w'], rtol=1e-6)
+  np.testing.assert_allclose(w, aux['w'], rtol=1e-5, atol=1e-6)  # eager vs jitted: FMA contraction may differ
   np.testing.assert_allclose(synthesis(w), x_plain, rtol=1e-5, atol=1e-5)
   # psi = 0 gives the w_avg image whatever z and s are.
   w_avg = jax.random.normal(_key(7), (W_DIM,))

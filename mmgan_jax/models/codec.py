@@ -20,7 +20,7 @@ The conv building blocks (`conv`, `group_norm`, `ResBlock`) are shared with the 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmgan_jax.models import partitioning
 from mmgan_jax.models.layers import block_output
 
 Array = Any
@@ -48,9 +49,10 @@ def conv(
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     kernel_init=nn.initializers.lecun_normal(),
-) -> nn.Conv:
-  """A 'SAME'-padded 2-D conv whose (kh, kw, in, out) kernel is named (None, None, 'conv_in', 'conv_out')."""
-  return nn.Conv(
+) -> Callable[[Array], Array]:
+  """A 'SAME'-padded 2-D conv whose (kh, kw, in, out) kernel is named (None, None, 'conv_in', 'conv_out'); its
+  output is pinned to the batch layout (models/partitioning.py: convs on a tensor-parallel mesh need it)."""
+  module = nn.Conv(
       features,
       kernel_size=(kernel_size, kernel_size),
       strides=(strides, strides),
@@ -60,6 +62,7 @@ def conv(
       kernel_init=nn.with_logical_partitioning(kernel_init, CONV_NAMES),
       name=name,
   )
+  return lambda x: partitioning.batch_only(module(x))
 
 
 def num_groups_for(channels: int, num_groups: int) -> int:

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmgan_jax.models import layers
+from mmgan_jax.models import layers, partitioning
 from mmgan_jax.models.audio_frontend import log_mel_spectrogram
 
 Array = Any
@@ -119,12 +119,12 @@ class ImageEncoder(nn.Module):
     p = self.patch_size
     if h % p or w % p:
       raise ValueError(f'image size {(h, w)} is not divisible by patch_size={p}.')
-    x = nn.Conv(
+    x = partitioning.batch_only(nn.Conv(
         self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                  (None, None, 'conv_in', 'conv_out')),
         name='patch_embed',
-    )(images.astype(self.dtype))
+    )(images.astype(self.dtype)))
     gh, gw = x.shape[1], x.shape[2]
     x = x.reshape(b, gh * gw, self.width)
     if self.posemb == 'learn':
@@ -189,8 +189,8 @@ class AudioEncoder(nn.Module):
 
     conv_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, 'conv_in', 'conv_out'))
     for i, s in enumerate(_split_stride(self.downsample)):
-      x = nn.Conv(self.width, (3,), strides=(s,), padding='SAME', dtype=self.dtype,
-                  param_dtype=self.param_dtype, kernel_init=conv_init, name=f'conv_{i}')(x)
+      x = partitioning.batch_only(nn.Conv(self.width, (3,), strides=(s,), padding='SAME', dtype=self.dtype,
+                                          param_dtype=self.param_dtype, kernel_init=conv_init, name=f'conv_{i}')(x))
       x = nn.gelu(x)
     b, n = x.shape[:2]
     x = x + layers.sinusoidal_embedding(jnp.arange(n), self.width)[None].astype(self.dtype)

@@ -44,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmgan_jax.models import partitioning
 from mmgan_jax.models.layers import attention, block_output, dense
 
 Array = Any
@@ -92,8 +93,10 @@ def upsample2x_fir(x: Array) -> Array:
 
 
 def _conv2d(x: Array, kernel: Array) -> Array:
-  """'SAME' stride-1 NHWC conv with an HWIO kernel."""
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  """'SAME' stride-1 NHWC conv with an HWIO kernel; the output pinned to the batch layout (a tensor-parallel
+  kernel's output channels are gathered: models/partitioning.py says why)."""
+  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return partitioning.batch_only(y)
 
 
 def num_resolutions(resolution: int, channels: Sequence[int], who: str) -> int:
@@ -138,7 +141,7 @@ class EqualDense(nn.Module):
       bias = self.param('bias', nn.initializers.constant(self.bias_init / self.lr_mul), (self.features,),
                         self.param_dtype)
       y = y + (bias * self.lr_mul).astype(self.dtype)
-    return y
+    return partitioning.batch_only(y)  # (B, features): see models/partitioning.py
 
 
 class EqualConv(nn.Module):

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from mmgan_jax.models import partitioning
+
 Array = Any
 Dtype = Any
 
@@ -35,8 +37,9 @@ BLOCK_OUTPUT = 'mmgan_block_output'
 
 
 def block_output(x: Array) -> Array:
-  """Marks a residual block's output as a rematerialisation boundary (an identity otherwise)."""
-  return checkpoint_name(x, BLOCK_OUTPUT)
+  """A residual block's output: pinned to the batch layout (models/partitioning.py says why) and named as a
+  rematerialisation boundary. The identity on one device."""
+  return checkpoint_name(partitioning.batch_only(x), BLOCK_OUTPUT)
 
 
 def dense(
@@ -127,7 +130,7 @@ class TransformerBlock(nn.Module):
   ) -> Array:
     """x: (B, N, D); mask: (B, N) bool key-padding mask; memory: (B, M, Dm); memory_mask: (B, M) bool."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = x.astype(self.dtype)
+    x = partitioning.batch_only(x.astype(self.dtype))  # the residual stream's layout (see block_output)
     b, n = x.shape[:2]
 
     # Self-attention. The mask has shape (B, 1, Nq, Nk); only keys are masked, so padded query rows still

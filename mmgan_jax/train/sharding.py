@@ -4,10 +4,13 @@ Models name their parameter axes logically ('embed', 'mlp', 'heads', 'kv', 'voca
 `config.partition_rules` maps those names to mesh axes ('data', 'fsdp', 'tensor'). A dimension that does not
 divide evenly over its mesh axes is replicated instead (so tiny test models and odd widths always shard).
 Optimizer-state leaves take the sharding of the parameter they mirror (matched by key-path suffix and shape).
+`use_mesh(mesh, rules)` is the context every sharded program is traced in: the mesh, and the same rules for the
+activation constraints inside the modules (models/partitioning.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +19,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from mmgan_jax.models import partitioning
+from mmgan_jax.models.partitioning import mesh_axes_size, rules_dict, spec_for
 
 Tree = Any
 
@@ -50,36 +56,11 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str], devices=None) -> Mesh:
   return jax.make_mesh(resolved, tuple(axes), axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
-def _rules_dict(rules) -> dict[str, Any]:
-  out = {}
-  for name, axis in rules:
-    out[name] = tuple(axis) if isinstance(axis, (list, tuple)) else axis
-  return out
-
-
-def _mesh_axes_size(mesh: Mesh, axis) -> int:
-  if axis is None:
-    return 1
-  axes = axis if isinstance(axis, tuple) else (axis,)
-  return math.prod(mesh.shape[a] for a in axes)
-
-
-def spec_for(shape: Sequence[int], logical: Sequence[str | None] | None, mesh: Mesh, rules) -> P:
-  """PartitionSpec for one array: logical names -> mesh axes, replicating non-divisible or reused axes."""
-  if logical is None:
-    return P()
-  rules = _rules_dict(rules)
-  used: set[str] = set()
-  out = []
-  for dim, name in zip(shape, logical):
-    axis = rules.get(name) if name is not None else None
-    flat = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
-    if axis is None or dim % _mesh_axes_size(mesh, axis) or used & set(flat) or _mesh_axes_size(mesh, axis) == 1:
-      out.append(None)
-    else:
-      out.append(axis)
-      used |= set(flat)
-  return P(*out)
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules):
+  """Sets `mesh` (jax.set_mesh) and installs `rules` for the modules' activation constraints while tracing."""
+  with jax.set_mesh(mesh), partitioning.activation_rules(rules):
+    yield mesh
 
 
 def param_shardings(abstract_boxed: Tree, mesh: Mesh, rules) -> Tree:
@@ -124,7 +105,7 @@ def mirror_shardings(abstract_tree: Tree, params_abstract: Tree, params_sharding
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
-  axis = _rules_dict(rules).get('batch', ('data', 'fsdp'))
+  axis = rules_dict(rules).get('batch', ('data', 'fsdp'))
   return NamedSharding(mesh, P(axis, *([None] * (ndim - 1))))
 
 
@@ -135,7 +116,7 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules) -> dict[str, j
 
 
 def check_batch_divisible(global_batch_size: int, mesh: Mesh, rules) -> None:
-  n = _mesh_axes_size(mesh, _rules_dict(rules).get('batch', ('data', 'fsdp')))
+  n = mesh_axes_size(mesh, rules_dict(rules).get('batch', ('data', 'fsdp')))
   if global_batch_size % n:
     raise ValueError(f'config.data.global_batch={global_batch_size} must be divisible by the {n} devices of '
                      'the batch mesh axes.')

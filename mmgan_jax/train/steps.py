@@ -37,6 +37,7 @@ the B / A training problem with B / A-times less noisy updates, not bit-for-bit 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -45,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmgan_jax.models import diffusion, mmgan, text_decoder
+from mmgan_jax.models import diffusion, mmgan, partitioning, text_decoder
 from mmgan_jax.models.generator import last_layer_params, with_last_layer
 from mmgan_jax.train import losses
 from mmgan_jax.train.state import TrainState, g_side
@@ -356,5 +357,17 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       return g_compute(state, batch, micro)[0]
     return accumulate(g_compute, state, batch)[0]
 
-  return Steps(d_step=lambda s, b: d_step_impl(s, b, False), d_step_r1=lambda s, b: d_step_impl(s, b, True),
-               g_step=g_step, d_grads=d_grads, g_grads=g_grads)
+  rules = tuple(config.partition_rules)
+
+  def with_rules(fn):
+    """fn traced with the config's rules installed: the modules' activation constraints take effect whenever a
+    mesh is set (models/partitioning.py), whoever jits the step."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+      with partitioning.activation_rules(rules):
+        return fn(*args, **kwargs)
+    return wrapped
+
+  return Steps(d_step=with_rules(lambda s, b: d_step_impl(s, b, False)),
+               d_step_r1=with_rules(lambda s, b: d_step_impl(s, b, True)), g_step=with_rules(g_step),
+               d_grads=with_rules(d_grads), g_grads=with_rules(g_grads))

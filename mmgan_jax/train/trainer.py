@@ -423,7 +423,7 @@ def evaluate_checkpoint(config, workdir: str, *, step: int | None = None, num_ex
   evaluator = make_evaluator(s, workdir, num_examples)
   at = int(fetch(s.state.step))
   t0 = time.time()
-  with jax.set_mesh(s.mesh):
+  with sharding.use_mesh(s.mesh, config.partition_rules):
     metrics = evaluate(s, evaluator, s.state)
   metrics['eval_seconds'] = time.time() - t0
   s.checkpointer.close()
@@ -465,7 +465,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
     history: list[dict[str, jax.Array]] = []
     step = s.start_step
     t0 = time.time()
-    with jax.set_mesh(s.mesh):
+    with sharding.use_mesh(s.mesh, config.partition_rules):
       while step < config.total_steps:
         batch = next_batch(s)
         state, metrics = train_step(s, state, batch, step)

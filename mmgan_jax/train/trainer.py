@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from mmgan_jax import config_validation
+from mmgan_jax import config_io, config_validation
 from mmgan_jax.data import registry
 from mmgan_jax.evaluation.evaluator import Evaluator, fetch
 from mmgan_jax.models import mmgan
@@ -433,6 +433,54 @@ def evaluate_checkpoint(config, workdir: str, *, step: int | None = None, num_ex
   return metrics, proto
 
 
+def robustness_checkpoint(config, workdir: str, *, step: int | None = None, num_examples: int | None = None,
+                          out_dir: str | None = None, curves=None, seed: int = 0) -> dict[str, Any]:
+  """Robustness curves (evaluation/robustness.py) of the latest (or `step`) checkpoint in `workdir`, EMA weights;
+  process 0 writes them to `out_dir` (default workdir/eval)/robustness.json. Returns the curves."""
+  from mmgan_jax.evaluation import robustness  # pylint: disable=g-import-not-at-top
+  _hide_accelerators_from_tf()
+  maybe_initialize_distributed()
+  if not is_url(workdir) and not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise FileNotFoundError(f'no checkpoints in {workdir}: train first (launch/train.py --workdir={workdir}).')
+  s = setup(config, workdir, restore_step=step)
+  if s.checkpointer is None or s.checkpointer.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint to evaluate in {workdir}/checkpoints.')
+  evaluator = make_evaluator(s, None, num_examples)
+  codec = s.data.text_codec
+  t0 = time.time()
+  with sharding.use_mesh(s.mesh, config.partition_rules):
+    curves_out = robustness.evaluate_robustness(
+        evaluator, s.state, lambda: s.data.eval_batches(evaluator.batch_size, evaluator.num_examples),
+        curves=tuple(curves or robustness.CURVES), seed=seed,
+        ids=dict(bos_id=codec.bos_id, eos_id=codec.eos_id, pad_id=codec.pad_id))
+  s.checkpointer.close()
+  result = dict(curves=curves_out, step=int(fetch(s.state.step)), num_examples=evaluator.num_examples,
+                seed=seed, refine_steps=int(config.refine.num_steps), seconds=time.time() - t0)
+  if jax.process_index() == 0:
+    out = out_dir or os.path.join(workdir, 'eval')
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, 'robustness.json'), 'w') as f:
+      json.dump(result, f, indent=2, sort_keys=True, default=float)
+  return result
+
+
+def hparams(config) -> dict[str, bool | int | float | str]:
+  """Every config field as a flat {'loss.adv': 1.0, ...} for TensorBoard's HParams dashboard (runs of a sweep
+  are compared on the fields they differ in); sequences become strings."""
+  out = {}
+
+  def walk(prefix: str, node) -> None:
+    for k, v in node.items():
+      key = f'{prefix}{k}'
+      if isinstance(v, dict):
+        walk(key + '.', v)
+      else:
+        out[key] = v if isinstance(v, (bool, int, float, str)) else str(v)
+
+  walk('', config.to_dict())
+  return out
+
+
 def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if a checkpoint is there) and returns the final evaluation.
 
@@ -453,9 +501,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
     if preemption.requested:
       log.warning('SIGTERM during set-up: exiting before the first step (nothing new to save).')
       return {}
+    if jax.process_index() == 0 and not is_url(workdir):  # what launch/sample.py and evaluate.py read back
+      config_io.save(config, workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if s.start_step == 0:
-      writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
+      writer.write_hparams(hparams(config))
     if s.start_step == 0 and jax.process_index() == 0:
       log.info('Parameters:\n%s', parameter_overview.get_parameter_overview(s.state.params, include_stats=False))
     evaluator = make_evaluator(s, workdir)
@@ -465,11 +515,15 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
     history: list[dict[str, jax.Array]] = []
     step = s.start_step
     t0 = time.time()
+    t_first, first_step = None, step
     with sharding.use_mesh(s.mesh, config.partition_rules):
       while step < config.total_steps:
         batch = next_batch(s)
         state, metrics = train_step(s, state, batch, step)
         step += 1
+        if t_first is None:  # the first step of this process compiles: the steady speed is measured after it
+          jax.block_until_ready(state.step)
+          t_first, first_step = time.time(), step
         history.append(metrics)
         progress(step)
         if step % config.log_every == 0 or step == config.total_steps:
@@ -498,6 +552,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
             s.checkpointer.save(step, state, s.data.train.get_state(), force=True)
           log.warning('SIGTERM: checkpoint written at step %d; exiting.', step)
           return {}
+      jax.block_until_ready(state.step)
+      t_loop = time.time()
       if s.checkpointer and s.checkpointer.latest_step() != step:
         s.checkpointer.save(step, state, s.data.train.get_state(), force=True)
       write_samples(s, writer, evaluator, state, step)
@@ -509,6 +565,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   train_seconds = time.time() - t0
   results['train_seconds'] = train_seconds
   results['steps'] = step
+  if t_first is not None and step > first_step:  # steps/s after the first (compiling) step, checkpoints included
+    results['steps_per_sec'] = (step - first_step) / max(t_loop - t_first, 1e-9)
   writer.write_scalars(step, {f'eval/{k}': v for k, v in results.items()})
   writer.flush()
   if jax.process_index() == 0:

@@ -451,7 +451,7 @@ def sampling_latency(bench: Bench, *, ks: Sequence[int] = (1, 2, 4), ddim_steps:
     z = jax.device_put(jax.random.normal(k_z, (b, model.generator.z_dim), jnp.float32),
                        sharding.batch_sharding(bench.mesh, config.partition_rules, 2))
     out: dict[str, Any] = dict(batch=b, t_start=int(config.refine.t_start), guidance=float(config.refine.guidance),
-                               ddim_steps=int(ddim_steps), ks=list(ks))
+                               ddim_steps=int(ddim_steps), ks=list(ks), config_k=int(config.refine.num_steps))
     lat = {}
     lat['encode'], _ = median_time(lambda: encode(params, bench.batch), repeats, warmup)
     cond = jax.block_until_ready(encode(params, bench.batch))

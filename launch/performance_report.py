@@ -110,6 +110,18 @@ def accelerator_section(results: list[dict]) -> list[str]:
   return out + ['']
 
 
+def _rows(results: list[dict], key: str, columns: int, out: list[str]):
+  """(result, its `key` section) for the results that measured it; a 'not measured' row for skipped ones."""
+  for r in results:
+    section = r.get(key)
+    if not section:
+      continue
+    if 'skipped' in section:
+      out.append(f"| {_title(r)} | not measured: {section['skipped']} |" + ' |' * (columns - 2))
+      continue
+    yield r, section
+
+
 def pipeline_section(results: list[dict]) -> list[str]:
   out = ['## Input-pipeline headroom', '',
          'Sustained records/s of the config\'s own pipeline (its `num_threads`; all records read after the '
@@ -117,14 +129,8 @@ def pipeline_section(results: list[dict]) -> list[str]:
          'CPU time per record alongside.', '',
          '| config | records/s | CPU per record | source | train consumes | headroom |',
          '| --- | --- | --- | --- | --- | --- |']
-  for r in results:
-    p = r.get('pipeline')
-    if not p:
-      continue
+  for r, p in _rows(results, 'pipeline', 6, out):
     eats = r['train']['iteration']['examples_per_s']
-    if 'skipped' in p:
-      out.append(f"| {_title(r)} | not measured: {p['skipped']} | | | {eats:.2f} /s | — |")
-      continue
     src = f"synthetic fixture of {p['synthetic_records']} records" if p.get('synthetic_records') else 'the dataset'
     out.append(f"| {_title(r)} | {p['records_per_s_mean']:,.0f} ({p['threads']} threads, batch "
                f"{p['global_batch']}) | {p['cpu_ms_per_record']:.1f} ms | {src} | "
@@ -139,13 +145,7 @@ def sampling_section(results: list[dict]) -> list[str]:
          f'encoders and the codec decoder to both sides. Goal: ≥ {GOAL_SAMPLING:.0f}× for K ≤ 4.', '',
          '| config | encode | G | G + 1 | G + 2 | G + 4 | DDIM | decode | DDIM / (G+1, G+2, G+4) | end to end |',
          '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
-  for r in results:
-    s = r.get('sampling')
-    if not s:
-      continue
-    if 'skipped' in s:
-      out.append(f"| {_title(r)} | not measured: {s['skipped']} |" + ' |' * 9)
-      continue
+  for r, s in _rows(results, 'sampling', 11, out):
     lat = s['latency_s']
     gk = [_s(lat.get(f'g_plus_{k}')) for k in (1, 2, 4)]
     ratios = ', '.join(f"{s['ratio_ddim_over_g_plus_k'][str(k)]:.1f}×" for k in s['ks'])
@@ -162,13 +162,7 @@ def sharding_section(results: list[dict]) -> list[str]:
          'devices (`--xla_force_host_platform_device_count`, same cores), timed alternately in one process.', '',
          '| config | batch | 1 device | N devices | ratio | overhead per example |',
          '| --- | --- | --- | --- | --- | --- |']
-  for r in results:
-    s = r.get('sharding')
-    if not s:
-      continue
-    if 'skipped' in s:
-      out.append(f"| {_title(r)} | not measured: {s['skipped']} | | | | |")
-      continue
+  for r, s in _rows(results, 'sharding', 6, out):
     out.append(f"| {_title(r)} | {s['batch']} ({s['per_device_batch']} per device) | {_s(s['one_device_s'])} | "
                f"{_s(s['n_devices_s'])} ({s['devices']} devices) | {s['ratio']:.2f} | "
                f"{1e3 * (s['n_devices_s'] - s['one_device_s']) / s['batch']:+.1f} ms |")

@@ -120,7 +120,7 @@ class Sampler:
       ValueError: refine_steps < 0, or a config the checkpoint does not fit.
     """
     from mmgan_jax.train import trainer  # pylint: disable=g-import-not-at-top
-    if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    if not os.path.isdir(os.path.join(workdir, 'checkpoints')):  # before reading config.json: the clearer error
       raise FileNotFoundError(f'no checkpoints in {workdir}: train first (launch/train.py --workdir={workdir}).')
     config = copy.deepcopy(config if config is not None else config_io.load(workdir))
     if refine_steps is not None and refine_steps < 0:
@@ -130,9 +130,7 @@ class Sampler:
       if refine_steps is not None:
         config.refine.num_steps = int(refine_steps)
       config.mesh.shape = (1,) * len(config.mesh.axes)  # one device, whatever mesh the run trained on
-    s = trainer.setup(config, workdir, restore_step=step, devices=jax.local_devices()[:1])
-    if s.checkpointer is None or s.checkpointer.latest_step() is None:
-      raise FileNotFoundError(f'no checkpoint to sample from in {workdir}/checkpoints.')
+    s = trainer.restore_trained(config, workdir, step=step, devices=jax.local_devices()[:1])
     evaluator = trainer.make_evaluator(s, None)
     return cls(s, evaluator)
 

@@ -403,6 +403,27 @@ def evaluate(s: Setup, evaluator: Evaluator, state) -> dict[str, float]:
   return evaluator.evaluate(state, s.data.eval_batches(evaluator.batch_size, evaluator.num_examples))
 
 
+def restore_trained(config, workdir: str, *, step: int | None = None, devices=None) -> Setup:
+  """`setup` of a finished (or running) training workdir: FileNotFoundError if it holds no checkpoint."""
+  if not is_url(workdir) and not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise FileNotFoundError(f'no checkpoints in {workdir}: train first (launch/train.py --workdir={workdir}).')
+  s = setup(config, workdir, devices=devices, restore_step=step)
+  if s.checkpointer is None or s.checkpointer.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints.')
+  return s
+
+
+def _restore_for_evaluation(config, workdir: str, step: int | None, out_dir: str | None, files: str) -> Setup:
+  """The launcher-side start of an evaluation: TF off the accelerators, the distributed job joined, a local
+  output directory checked, the checkpoint restored."""
+  _hide_accelerators_from_tf()
+  maybe_initialize_distributed()
+  if is_url(out_dir or workdir):
+    raise ValueError(f'{files} are written with local file calls; pass a local --out_dir (workdir {workdir} is '
+                     'in cloud storage).')
+  return restore_trained(config, workdir, step=step)
+
+
 def evaluate_checkpoint(config, workdir: str, *, step: int | None = None, num_examples: int | None = None,
                         out_dir: str | None = None) -> tuple[dict[str, float], dict[str, Any]]:
   """Evaluates the latest (or `step`) checkpoint in `workdir` with EMA weights; writes metrics.json/.md.
@@ -410,16 +431,7 @@ def evaluate_checkpoint(config, workdir: str, *, step: int | None = None, num_ex
   Returns (metrics, protocol). Files go to `out_dir` (default workdir/eval), written by process 0.
   """
   from mmgan_jax.evaluation import report  # pylint: disable=g-import-not-at-top
-  _hide_accelerators_from_tf()
-  maybe_initialize_distributed()
-  if is_url(out_dir or workdir):
-    raise ValueError(f'metrics.json/.md are written with local file calls; pass a local --out_dir (workdir '
-                     f'{workdir} is in cloud storage).')
-  if not is_url(workdir) and not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise FileNotFoundError(f'no checkpoints in {workdir}: train first (launch/train.py --workdir={workdir}).')
-  s = setup(config, workdir, restore_step=step)
-  if s.checkpointer is None or s.checkpointer.latest_step() is None:
-    raise FileNotFoundError(f'no checkpoint to evaluate in {workdir}/checkpoints.')
+  s = _restore_for_evaluation(config, workdir, step, out_dir, 'metrics.json/.md')
   evaluator = make_evaluator(s, workdir, num_examples)
   at = int(fetch(s.state.step))
   t0 = time.time()
@@ -438,13 +450,7 @@ def robustness_checkpoint(config, workdir: str, *, step: int | None = None, num_
   """Robustness curves (evaluation/robustness.py) of the latest (or `step`) checkpoint in `workdir`, EMA weights;
   process 0 writes them to `out_dir` (default workdir/eval)/robustness.json. Returns the curves."""
   from mmgan_jax.evaluation import robustness  # pylint: disable=g-import-not-at-top
-  _hide_accelerators_from_tf()
-  maybe_initialize_distributed()
-  if not is_url(workdir) and not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise FileNotFoundError(f'no checkpoints in {workdir}: train first (launch/train.py --workdir={workdir}).')
-  s = setup(config, workdir, restore_step=step)
-  if s.checkpointer is None or s.checkpointer.latest_step() is None:
-    raise FileNotFoundError(f'no checkpoint to evaluate in {workdir}/checkpoints.')
+  s = _restore_for_evaluation(config, workdir, step, out_dir, 'robustness.json')
   evaluator = make_evaluator(s, None, num_examples)
   codec = s.data.text_codec
   t0 = time.time()

@@ -1,7 +1,7 @@
 """The ablation study (configs/ablations.py, launch/ablate.py, mmgan_jax/ablation.py) and the robustness curves.
 
 The aggregation and report are checked on hand-made result files (known means and spreads); the sweep itself
-runs end to end on the smoke model (2 variants x 1 seed x 2 steps, tiny N), with a rerun that must skip every
+runs end to end on the smoke model (1 variant x 1 seed x 2 steps, tiny N), with a rerun that must skip every
 finished run. The corruptions are checked for their defining property (SNR, dropped words, noise level).
 """
 
@@ -123,20 +123,20 @@ def test_sweep_runs_end_to_end_and_resumes(tmp_path):
   env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir or ''
   workdir, report = tmp_path / 'abl', tmp_path / 'results.md'
   args = [sys.executable, 'launch/ablate.py', '--sweep=configs/ablations.py:seeds=1,steps=2',
-          '--base=configs/shapes.py:smoke', '--only=full,no_refinement', f'--workdir={workdir}',
+          '--base=configs/shapes.py:smoke', '--only=no_refinement', f'--workdir={workdir}',
           '--num_examples=16', '--robustness_examples=8', '--nometeor', f'--report={report}',
           f'--plots_dir={tmp_path}']
   proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   data = json.loads((workdir / 'ablation.json').read_text())
-  assert set(data['aggregate']) == {'full', 'no_refinement'}
-  assert data['aggregate']['full']['text_to_image/refined/mean']['n'] == 1
+  assert set(data['aggregate']) == {'no_refinement'}
+  assert data['aggregate']['no_refinement']['text_to_image/refined/mean']['n'] == 1
   curves = data['robustness']
   assert set(curves) == set(robustness.CURVES)
-  assert len(curves['audio_snr_db']['audio_to_image/semantic']['full'][0]) == len(
+  assert len(curves['audio_snr_db']['audio_to_image/semantic']['no_refinement'][0]) == len(
       robustness.CURVES['audio_snr_db'].levels)
   text = report.read_text()
-  assert '| full | 1 |' in text and '| no_refinement | 1 |' in text and 'N = 16' in text
+  assert '| no_refinement | 1 |' in text and 'N = 16' in text
   assert (tmp_path / 'robustness.png').stat().st_size > 1000
   again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert again.returncode == 0 and 'training in' not in again.stdout  # every finished run is skipped

@@ -28,7 +28,7 @@ MACHINE_FIELDS = ('config', 'batch', 'dtype', 'platform', 'device_kind', 'device
 @pytest.fixture(scope='module')
 def result():
   out = bm.benchmark(smoke_config(), config_name='configs/shapes.py:smoke', batch=8, devices=jax.devices()[:1],
-                     steps=2, warmup=1, r1_steps=0, ks=(1, 2), ddim_steps=50, sample_repeats=3,
+                     steps=2, warmup=1, r1_steps=0, ks=(1,), ddim_steps=50, sample_repeats=2,
                      sections=('train', 'pipeline', 'sampling'), data_batch=16, data_batches=2)
   return json.loads(json.dumps(out))  # what --out holds: JSON-able, and read back as such
 
@@ -47,8 +47,8 @@ def test_every_field_is_reported(result):
   assert peak_fields <= set(result['peak'])
   assert result['pipeline']['records_per_s_mean'] > 0 and result['pipeline_headroom'] > 0
   s = result['sampling']
-  assert set(s['latency_s']) == {'encode', 'generator', 'g_plus_1', 'g_plus_2', 'ddim_50', 'decode'}
-  assert set(s['ratio_ddim_over_g_plus_k']) == set(s['ratio_ddim_over_g_plus_k_end_to_end']) == {'1', '2'}
+  assert set(s['latency_s']) == {'encode', 'generator', 'g_plus_1', 'ddim_50', 'decode'}
+  assert set(s['ratio_ddim_over_g_plus_k']) == set(s['ratio_ddim_over_g_plus_k_end_to_end']) == {'1'}
   assert result['flops_source'] and result['memory_peak_estimate_bytes'] > 0
 
 

@@ -59,19 +59,17 @@ def machine_section(results: list[dict]) -> list[str]:
 
 
 def train_section(results: list[dict]) -> list[str]:
-  out = ['## Train step', '',
-         'Median after the warm-up, each step synchronised. FLOPs: XLA\'s cost analysis of the lowered '
-         '(pre-optimisation) HLO of the whole program; MFU divides the achieved FLOP/s by the peak named in the '
-         'last column. Memory: arguments + outputs − donated aliases + temporaries of the compiled executable.',
-         '',
-         '| config | step | median | examples/s | GFLOP | achieved GFLOP/s | MFU | vs | compile | memory |',
-         '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+  from mmgan_jax.benchmarking import step_rows  # pylint: disable=g-import-not-at-top
+  out = _table('Train step',
+               'Median after the warm-up, each step synchronised. FLOPs: XLA\'s cost analysis of the lowered '
+               '(pre-optimisation) HLO of the whole program; MFU divides the achieved FLOP/s by the peak named in '
+               'the last column. Memory: arguments + outputs − donated aliases + temporaries of the compiled '
+               'executable.',
+               ['config', 'step', 'median', 'examples/s', 'GFLOP', 'achieved GFLOP/s', 'MFU', 'vs', 'compile',
+                'memory'])
   for r in results:
     tr, peak = r['train'], r['peak']
-    for name in ('iteration', 'd_step', 'g_step', 'd_step_r1'):
-      x = tr.get(name)
-      if not x:
-        continue
+    for name, x in step_rows(tr):
       mem = _mib(x['memory'].get('peak_estimate')) if x.get('memory') else '—'
       vs = (f"{peak['flops_per_s'] / 1e9:,.0f} GFLOP/s: {peak['source'].split(' (')[0]}" if peak['flops_per_s']
             else '—')
@@ -110,6 +108,11 @@ def accelerator_section(results: list[dict]) -> list[str]:
   return out + ['']
 
 
+def _table(title: str, intro: str, columns: list[str]) -> list[str]:
+  """A section's heading, its paragraph and the head of its table."""
+  return [f'## {title}', '', intro, '', '| ' + ' | '.join(columns) + ' |', '| --- ' * len(columns) + '|']
+
+
 def _rows(results: list[dict], key: str, columns: int, out: list[str]):
   """(result, its `key` section) for the results that measured it; a 'not measured' row for skipped ones."""
   for r in results:
@@ -123,12 +126,11 @@ def _rows(results: list[dict], key: str, columns: int, out: list[str]):
 
 
 def pipeline_section(results: list[dict]) -> list[str]:
-  out = ['## Input-pipeline headroom', '',
-         'Sustained records/s of the config\'s own pipeline (its `num_threads`; all records read after the '
-         'warm-up / their wall time) divided by the examples/s the train iteration consumes on the same machine; '
-         'CPU time per record alongside.', '',
-         '| config | records/s | CPU per record | source | train consumes | headroom |',
-         '| --- | --- | --- | --- | --- | --- |']
+  out = _table('Input-pipeline headroom',
+               'Sustained records/s of the config\'s own pipeline (its `num_threads`; all records read after the '
+               'warm-up / their wall time) divided by the examples/s the train iteration consumes on the same '
+               'machine; CPU time per record alongside.',
+               ['config', 'records/s', 'CPU per record', 'source', 'train consumes', 'headroom'])
   for r, p in _rows(results, 'pipeline', 6, out):
     eats = r['train']['iteration']['examples_per_s']
     src = f"synthetic fixture of {p['synthetic_records']} records" if p.get('synthetic_records') else 'the dataset'
@@ -139,12 +141,13 @@ def pipeline_section(results: list[dict]) -> list[str]:
 
 
 def sampling_section(results: list[dict]) -> list[str]:
-  out = ['## Sampling latency: refinement vs a 50-step DDIM', '',
-         'One batch, median of the timed calls; conditions encoded once (all modalities present), EMA weights, '
-         "the config's t_start and guidance. The ratio is DDIM / (G + K) in latent space; *end to end* adds the "
-         f'encoders and the codec decoder to both sides. Goal: ≥ {GOAL_SAMPLING:.0f}× for K ≤ 4.', '',
-         '| config | encode | G | G + 1 | G + 2 | G + 4 | DDIM | decode | DDIM / (G+1, G+2, G+4) | end to end |',
-         '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+  out = _table('Sampling latency: refinement vs a 50-step DDIM',
+               'One batch, median of the timed calls; conditions encoded once (all modalities present), EMA '
+               "weights, the config's t_start and guidance. The ratio is DDIM / (G + K) in latent space; *end to "
+               'end* adds the encoders and the codec decoder to both sides. '
+               f'Goal: ≥ {GOAL_SAMPLING:.0f}× for K ≤ 4.',
+               ['config', 'encode', 'G', 'G + 1', 'G + 2', 'G + 4', 'DDIM', 'decode', 'DDIM / (G+1, G+2, G+4)',
+                'end to end'])
   for r, s in _rows(results, 'sampling', 11, out):
     lat = s['latency_s']
     gk = [_s(lat.get(f'g_plus_{k}')) for k in (1, 2, 4)]
@@ -157,11 +160,10 @@ def sampling_section(results: list[dict]) -> list[str]:
 
 
 def sharding_section(results: list[dict]) -> list[str]:
-  out = ['## Sharding overhead on CPU', '',
-         'The same D + G iteration and global batch on a 1-device mesh and on a data-parallel mesh of virtual CPU '
-         'devices (`--xla_force_host_platform_device_count`, same cores), timed alternately in one process.', '',
-         '| config | batch | 1 device | N devices | ratio | overhead per example |',
-         '| --- | --- | --- | --- | --- | --- |']
+  out = _table('Sharding overhead on CPU',
+               'The same D + G iteration and global batch on a 1-device mesh and on a data-parallel mesh of virtual '
+               'CPU devices (`--xla_force_host_platform_device_count`, same cores), timed alternately in one process.',
+               ['config', 'batch', '1 device', 'N devices', 'ratio', 'overhead per example'])
   for r, s in _rows(results, 'sharding', 6, out):
     out.append(f"| {_title(r)} | {s['batch']} ({s['per_device_batch']} per device) | {_s(s['one_device_s'])} | "
                f"{_s(s['n_devices_s'])} ({s['devices']} devices) | {s['ratio']:.2f} | "

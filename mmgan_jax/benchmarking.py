@@ -35,7 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -978,6 +978,13 @@ def _fmt_b(n: int | None) -> str:
   return '-' if n is None else f'{n / 2 ** 20:.1f} MiB'
 
 
+def step_rows(train: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+  """(name, timing) of the train programs a result holds, in report order."""
+  for name in ('iteration', 'd_step', 'g_step', 'd_step_r1'):
+    if train.get(name):
+      yield name, train[name]
+
+
 def format_table(result: dict[str, Any]) -> str:
   """A plain-text summary of a benchmark result (what launch/benchmark.py prints)."""
   m = result['machine']
@@ -990,10 +997,7 @@ def format_table(result: dict[str, Any]) -> str:
   if tr:
     lines.append(f"{'train':<26}{'median':>11}{'ex/s':>10}{'GFLOP':>12}{'GFLOP/s':>11}{'MFU':>8}"
                  f"{'compile':>10}{'peak mem':>12}")
-    for name in ('iteration', 'd_step', 'g_step', 'd_step_r1'):
-      r = tr.get(name)
-      if not r:
-        continue
+    for name, r in step_rows(tr):
       mfu = '-' if r.get('mfu') is None else f"{100 * r['mfu']:.1f}%"
       mem = _fmt_b(r.get('memory', {}).get('peak_estimate')) if r.get('memory') else '-'
       lines.append(f"  {name:<24}{_fmt_s(r['median_s']):>11}{r['examples_per_s']:>10.2f}"

@@ -214,13 +214,8 @@ def table(agg: Mapping[str, Mapping[str, Any]], order: Sequence[str]) -> list[st
 
 
 def machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
-  except OSError:
-    pass
-  return f'{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}'
+  from mmgan_jax.benchmarking import cpu_model  # pylint: disable=g-import-not-at-top
+  return f'{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}'
 
 
 def render(sweep: Mapping[str, Any], results, agg, rob, *, command: str, order: Sequence[str],

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
@@ -473,18 +474,8 @@ def robustness_checkpoint(config, workdir: str, *, step: int | None = None, num_
 def hparams(config) -> dict[str, bool | int | float | str]:
   """Every config field as a flat {'loss.adv': 1.0, ...} for TensorBoard's HParams dashboard (runs of a sweep
   are compared on the fields they differ in); sequences become strings."""
-  out = {}
-
-  def walk(prefix: str, node) -> None:
-    for k, v in node.items():
-      key = f'{prefix}{k}'
-      if isinstance(v, dict):
-        walk(key + '.', v)
-      else:
-        out[key] = v if isinstance(v, (bool, int, float, str)) else str(v)
-
-  walk('', config.to_dict())
-  return out
+  flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
+  return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
 
 
 def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float]:

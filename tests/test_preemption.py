@@ -282,7 +282,8 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_exact(tmp_path, referenc
   results = []
   for w in (reference.workdir, workdir):
     with open(os.path.join(w, 'eval_results.json')) as f:
-      results.append({k: v for k, v in json.load(f).items() if k != 'train_seconds'})
+      # Wall-clock figures (train_seconds, steps_per_sec) differ between any two runs; everything else may not.
+      results.append({k: v for k, v in json.load(f).items() if k not in ('train_seconds', 'steps_per_sec')})
   assert results[0] == results[1]
 
 

@@ -85,6 +85,38 @@ def load_image(path: str, size: int) -> np.ndarray:
   return arr / 127.5 - 1.0
 
 
+def export_examples(data_config, out: str, num: int, *, start: int = 0) -> list[dict[str, str]]:
+  """Writes held-out examples of the synthetic set as the files launch/sample.py reads.
+
+  Example i of the held-out split (the one the evaluation scores, for `data_config`'s seed, size and clip
+  length) becomes OUT/example_<i>.png (the image), OUT/example_<i>.wav (the 16-bit mono clip) and
+  OUT/example_<i>.txt (its captions, one per line, then its attributes). Returns one dict of paths (and the
+  first caption) per example. Real datasets are files already: for them this raises InputError.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from mmgan_jax.data import registry, shapes  # pylint: disable=g-import-not-at-top
+  if data_config.name != 'shapes':
+    raise InputError(f'example export is for the synthetic set; {data_config.name!r} examples are files already '
+                     '(use its images / wav clips directly).')
+  if num < 1 or start < 0:
+    raise InputError(f'need num >= 1 and start >= 0, got num={num}, start={start}.')
+  spec = registry.shapes_spec(data_config)
+  os.makedirs(out, exist_ok=True)
+  written = []
+  for i in range(start, start + num):
+    ex = shapes.make_example(spec, data_config.seed, 'test', i)
+    stem = os.path.join(out, f'example_{i}')
+    Image.fromarray(ex['image']).save(stem + '.png')
+    pcm = np.round(np.clip(ex['audio'], -1.0, 32767 / 32768) * 32768).astype(np.int16)
+    wavfile.write(stem + '.wav', spec.sample_rate, pcm)
+    ids = ', '.join(f'{n}={int(a)}' for n, a in zip(shapes.ATTRIBUTE_NAMES, ex['attributes']))
+    with open(stem + '.txt', 'w') as f:
+      f.write('\n'.join(ex['captions']) + f'\n# attributes: {shapes.canonical_caption(ex["attributes"])} '
+              f'({ids})\n')
+    written.append(dict(image=stem + '.png', audio=stem + '.wav', text=stem + '.txt', caption=ex['captions'][0]))
+  return written
+
+
 def save_png(images: np.ndarray, path: str, columns: int) -> str:
   """(N, H, W, 3) images in [-1, 1] -> one PNG grid with `columns` per row; returns the path."""
   from PIL import Image  # pylint: disable=g-import-not-at-top

@@ -100,14 +100,31 @@ def test_zero_refinement_steps_is_the_generator_alone(workdir):
     sampling.Sampler.from_workdir(workdir, refine_steps=-1)
 
 
+def test_exported_examples_are_the_held_out_ones(sampler, tmp_path):
+  """export_examples writes held-out example i as files that load back as that example's audio and image."""
+  written = sampling.export_examples(sampler.config.data, str(tmp_path), 2, start=3)
+  spec = shapes.ShapesSpec(image_size=sampler.image_size, sample_rate=sampler.sample_rate,
+                           audio_seconds=sampler.audio_samples / sampler.sample_rate)
+  for i, files in zip((3, 4), written):
+    ex = shapes.make_example(spec, sampler.config.data.seed, 'test', i)
+    assert files['image'].endswith(f'example_{i}.png') and files['caption'] == ex['captions'][0]
+    clip = sampling.load_wav(files['audio'], sampler.sample_rate, sampler.audio_samples)
+    np.testing.assert_allclose(clip, ex['audio'], atol=1.0 / 32768)  # 16-bit PCM
+    np.testing.assert_array_equal(np.asarray(Image.open(files['image'])), ex['image'])
+    lines = open(files['text']).read().splitlines()
+    assert lines[:-1] == ex['captions'] and shapes.canonical_caption(ex['attributes']) in lines[-1]
+  with pytest.raises(sampling.InputError, match='synthetic'):
+    sampling.export_examples(smoke_config(**{'data.name': 'coco'}).data, str(tmp_path), 1)
+
+
 def test_cli_writes_every_output_and_fails_in_one_line(workdir, tmp_path):
-  spec = shapes.ShapesSpec(image_size=32, sample_rate=16_000, audio_seconds=0.5)
-  ex = shapes.make_example(spec, 0, 'test', 3)
-  wav, png = str(tmp_path / 'a.wav'), str(tmp_path / 'b.png')
-  wavfile.write(wav, 16_000, ex['audio'].astype(np.float32))
-  Image.fromarray(ex['image']).save(png)
-  out = tmp_path / 'out'
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  # The inputs a new user gets from the run itself: held-out examples exported as files.
+  proc = subprocess.run([sys.executable, 'launch/export_examples.py', f'--workdir={workdir}', '--num=2',
+                         f'--out={tmp_path}'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  wav, png = str(tmp_path / 'example_0.wav'), str(tmp_path / 'example_1.png')
+  out = tmp_path / 'out'
   args = [sys.executable, 'launch/sample.py', f'--workdir={workdir}', f'--out={out}', '--num_samples=3',
           '--seed=2', f'--prompt={PROMPTS[0]}', f'--prompt={PROMPTS[1]}', f'--audio={wav}', f'--image={png}']
   proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)

@@ -218,6 +218,11 @@ def machine() -> str:
   return f'{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}'
 
 
+def _chance() -> float:
+  from mmgan_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  return shapes.chance_accuracy()
+
+
 def render(sweep: Mapping[str, Any], results, agg, rob, *, command: str, order: Sequence[str],
            plot: str | None, n_eval: int | None, n_robust: int | None) -> str:
   """The markdown section (between the ablation markers of docs/results.md)."""
@@ -233,7 +238,7 @@ def render(sweep: Mapping[str, Any], results, agg, rob, *, command: str, order: 
     counts = sorted({sum(1 for r in rs if r.get('robustness')) for rs in results.values()} - {0})
     out += ['', f'Robustness (N = {n_robust} held-out examples per level, the same corrupted inputs for every '
             f'model; mean over {"/".join(map(str, counts))} seed(s) per variant): semantic accuracy of refined '
-            'samples and BLEU-4 against corruption strength.', '']
+            f'samples (a uniform guess scores {_chance():.3f}) and BLEU-4 against corruption strength.', '']
     for curve, entry in rob.items():
       for metric, per_variant in entry.items():
         if metric == 'levels':
@@ -282,6 +287,8 @@ def plot_robustness(rob: Mapping[str, Any], path: str, order: Sequence[str]) -> 
       means, stds = (np.asarray(a) for a in rob[curve][metric][name])
       ax.plot(x, means, marker='o', label=name, linewidth=2.5 if name == 'full' else 1.2)
       ax.fill_between(x, means - stds, means + stds, alpha=0.12)
+    if 'semantic' in metric:  # the oracle's floor: a uniform guess of each attribute
+      ax.axhline(_chance(), color='grey', linestyle='--', linewidth=1, label='chance')
     ax.set_xticks(x, ['clean' if lv is None else f'{lv:g}' for lv in finite])
     ax.set_xlabel(curve.replace('_', ' '))
     ax.set_ylabel(metric.replace('/', ' ').replace('_', ' '))

@@ -131,6 +131,16 @@ def test_attribute_accuracy_counts():
   assert acc['mean'] == pytest.approx(0.875)
 
 
+def test_chance_accuracy_is_what_uniform_guessing_scores():
+  """The floor drawn on the robustness plots: uniform guesses against the dataset's labels."""
+  rng = np.random.default_rng(0)
+  labels = np.stack([shapes.sample_attributes(shapes.example_rng(0, 'test', i)) for i in range(4000)])
+  guesses = np.stack([rng.integers(k, size=len(labels)) for k in shapes.NUM_CLASSES], axis=1)
+  acc = oracle.attribute_accuracy(guesses, labels)['mean']
+  assert abs(acc - shapes.chance_accuracy()) < 0.01, (acc, shapes.chance_accuracy())
+  assert 0.2 < shapes.chance_accuracy() < 0.23
+
+
 # ------------------------------------------------------------------------------------------------ audio
 def _spectrum_peak(x, sr):
   spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))

@@ -408,6 +408,11 @@ def render_audio(spec: ShapesSpec, attributes, rng: np.random.Generator) -> np.n
 # ------------------------------------------------------------------------------------------------
 # Examples and grain source.
 # ------------------------------------------------------------------------------------------------
+def chance_accuracy() -> float:
+  """Mean per-attribute accuracy of a uniform random guess (the floor of the semantic-accuracy metrics)."""
+  return float(np.mean([1.0 / k for k in NUM_CLASSES]))
+
+
 def sample_attributes(rng: np.random.Generator) -> np.ndarray:
   return np.array([rng.integers(k) for k in NUM_CLASSES], dtype=np.int32)
 

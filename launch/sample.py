@@ -51,6 +51,7 @@ def main(argv):
   if _NUM_SAMPLES.value < 1:
     _fail(f'--num_samples must be >= 1, got {_NUM_SAMPLES.value}.')
   logging.getLogger().setLevel(logging.WARNING)
+  logging.getLogger('absl').setLevel(logging.ERROR)  # orbax's notes while restoring (e.g. per-item metadata)
   os.environ.setdefault('HF_HUB_OFFLINE', '1')
   from mmgan_jax import sampling  # pylint: disable=g-import-not-at-top
   from mmgan_jax.data.registry import DatasetUnavailableError  # pylint: disable=g-import-not-at-top

@@ -98,7 +98,8 @@ def main(argv):
     if _REPORT.value:
       plot = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(_REPORT.value)))
     print(f'Wrote {plot_path}')
-  command = 'python launch/ablate.py ' + ' '.join(a for a in sys.argv[1:])
+  # The command that makes these runs: a --report_only re-render names the sweep that produced them.
+  command = 'python launch/ablate.py ' + ' '.join(a for a in sys.argv[1:] if not a.startswith('--report_only'))
   with open(os.path.join(_WORKDIR.value, 'ablation.json'), 'w') as f:
     json.dump(dict(command=command, base=sweep['base'], aggregate=agg, robustness=rob,
                    runs={k: v for k, v in results.items()}), f, indent=2, default=float)

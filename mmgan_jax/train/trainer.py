@@ -35,6 +35,9 @@ from mmgan_jax.train.steps import make_steps
 
 log = logging.getLogger(__name__)
 
+# The entries of eval_results.json that are wall-clock measurements: they differ between any two runs.
+WALL_CLOCK_RESULTS = ('train_seconds', 'steps_per_sec')
+
 
 class NonFiniteError(RuntimeError):
   """Training produced NaN/Inf losses or gradients for too many consecutive steps."""

@@ -355,11 +355,13 @@ class Evaluator:
     prediction = config.model.refiner.prediction
 
     def sample(params, codec, batch, present, key):
-      k_z, k_ref = jax.random.split(key)
+      k_z, k_ref, k_noise = jax.random.split(key, 3)
       cond = mmgan.encode(model, params, batch, present)['generate']
       b = batch['image'].shape[0]
       z = jax.random.normal(k_z, (b, model.generator.z_dim), jnp.float32)
-      x = mmgan.generate(model, params['generator'], z, cond, noise_key=None)
+      # The per-pixel noise G was trained with (StyleGAN2 samples it at generation too); without it the
+      # feature statistics G learned shift.
+      x = mmgan.generate(model, params['generator'], z, cond, noise_key=k_noise)
       xr = mmgan.refine(model, params.get('refiner'), x, cond, k_ref, t_start=int(r.t_start), num_steps=steps,
                         prediction=prediction, guidance=float(r.guidance))
       to_img = lambda v: jnp.clip(mmgan.to_image(model, codec['params'], codec['scale'], v), -1.0, 1.0)

@@ -132,7 +132,9 @@ def test_cli_writes_every_output_and_fails_in_one_line(workdir, tmp_path):
   for name, rows in (('text_to_image', 2), ('audio_to_image', 1)):
     for suffix in ('', '_unrefined'):
       grid = np.asarray(Image.open(out / f'{name}{suffix}.png'))
-      assert grid.shape == (rows * 33 + 1, 3 * 33 + 1, 3), (name, grid.shape)  # 32 px tiles, 1 px borders
+      assert grid.shape == (rows * 97 + 1, 3 * 97 + 1, 3), (name, grid.shape)  # 32 px tiles x3, 1 px borders
+      tile = grid[1:97, 1:97]  # nearest-neighbour: every 3x3 block is one generated pixel
+      assert np.array_equal(tile, tile[::3, ::3].repeat(3, 0).repeat(3, 1)), name
   lines = (out / 'captions.txt').read_text().splitlines()
   assert [line.split('\t')[0] for line in lines] == [wav, png]
   assert 'Checkpoint step 2' in proc.stdout and 'Wrote' in proc.stdout

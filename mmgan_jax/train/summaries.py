@@ -8,9 +8,25 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 1) -> np.ndarray:
-  """(N, H, W, C) images in [-1, 1] -> one (1, H', W', C) float grid in [0, 1] (CLU write_images format)."""
+# Grids show each tile at least this many pixels wide (nearest-neighbour upscaling), so that a person can see
+# the shape in a 32-pixel sample.
+MIN_TILE_PIXELS = 96
+
+
+def upscale_factor(size: int, min_pixels: int = MIN_TILE_PIXELS) -> int:
+  """The integer nearest-neighbour factor that makes a `size`-pixel tile at least `min_pixels` wide."""
+  return max(1, -(-min_pixels // max(1, size)))
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 1, upscale: int = 1) -> np.ndarray:
+  """(N, H, W, C) images in [-1, 1] -> one (1, H', W', C) float grid in [0, 1] (CLU write_images format).
+
+  upscale > 1 repeats every pixel upscale x upscale times first (nearest neighbour: no smoothing is added that
+  the model did not draw).
+  """
   images = np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+  if upscale > 1:
+    images = images.repeat(upscale, axis=1).repeat(upscale, axis=2)
   n, h, w, c = images.shape
   columns = columns or int(math.ceil(math.sqrt(n)))
   rows = int(math.ceil(n / columns))

@@ -34,6 +34,12 @@ OVERRIDES = {
     'model.fusion.cross_attention': False,
     'loss.adaptive': False,
     'loss.r1_interval': 1,
+    # The training settings this test's equality bound was measured with (before issue 14 retuned the demo):
+    # Adam turns float32 round-off in near-zero gradients (biases before a normalisation, like the attention key
+    # biases below) into steps of up to +-lr, and at the demo's new rates a few such elements exceed the bound.
+    # Exactness across processes does not depend on these values.
+    'optim.g_lr': 2e-3, 'optim.d_lr': 2e-3, 'model.generator.mapping_lr_mul': 0.01,
+    'model.generator.noise_injection': True, 'loss.div': 0.1, 'loss.r1_gamma': 0.1, 'diffusion_gan.sigma': 0.5,
     'mesh.shape': (1, NUM_PROCESSES * DEVICES_PER_PROCESS, 1),
     'total_steps': 2,
     'log_every': 1,

@@ -121,7 +121,7 @@ def save_png(images: np.ndarray, path: str, columns: int) -> str:
   """(N, H, W, 3) images in [-1, 1] -> one PNG grid with `columns` per row, tiles upscaled (nearest neighbour)
   to at least summaries.MIN_TILE_PIXELS; returns the path."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  grid = summaries.image_grid(images, columns=columns, upscale=summaries.upscale_factor(images.shape[1]))[0]
+  grid = summaries.image_grid(images, columns=columns)[0]
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   Image.fromarray(np.round(grid * 255.0).astype(np.uint8)).save(path)
   return path

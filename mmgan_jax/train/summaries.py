@@ -18,13 +18,16 @@ def upscale_factor(size: int, min_pixels: int = MIN_TILE_PIXELS) -> int:
   return max(1, -(-min_pixels // max(1, size)))
 
 
-def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 1, upscale: int = 1) -> np.ndarray:
+def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 1,
+               upscale: int | None = None) -> np.ndarray:
   """(N, H, W, C) images in [-1, 1] -> one (1, H', W', C) float grid in [0, 1] (CLU write_images format).
 
-  upscale > 1 repeats every pixel upscale x upscale times first (nearest neighbour: no smoothing is added that
-  the model did not draw).
+  Every pixel is repeated upscale x upscale times first (nearest neighbour: no smoothing is added that the model
+  did not draw); None = `upscale_factor(H)`, tiles at least MIN_TILE_PIXELS wide; 1 = the images as they are.
   """
   images = np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+  if upscale is None:
+    upscale = upscale_factor(images.shape[1])
   if upscale > 1:
     images = images.repeat(upscale, axis=1).repeat(upscale, axis=2)
   n, h, w, c = images.shape

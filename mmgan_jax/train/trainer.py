@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -377,13 +376,12 @@ def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
 def write_samples(s: Setup, writer, evaluator: Evaluator, state, step: int) -> None:
   n = int(s.config.eval.sample_grid)
   batch = {k: v[:n] for k, v in s.data.eval_batch.items()}
-  grid = functools.partial(summaries.image_grid, upscale=summaries.upscale_factor(batch['image'].shape[1]))
-  images = {'real': grid(batch['image'])}
+  images = {'real': summaries.image_grid(batch['image'])}
   for name, sources in (('text_to_image', ('text',)), ('audio_to_image', ('audio',))):
     if set(sources) <= set(s.model.modalities):
       pre, post = evaluator.samples(state, batch, sources)
-      images[f'{name}/pre_refine'] = grid(pre)
-      images[f'{name}/refined'] = grid(post)
+      images[f'{name}/pre_refine'] = summaries.image_grid(pre)
+      images[f'{name}/refined'] = summaries.image_grid(post)
   writer.write_images(step, images)
   if s.model.text_decoder is not None:
     preds = evaluator.captions(state, batch, ('image',))

@@ -321,6 +321,7 @@ def _model(p: _Checker, modalities: tuple[str, ...] | None, latent: int | None) 
   p.integer(f'{d}.num_timesteps', 1)
   p.flag(f'{d}.noise_aware')
   p.flag(f'{d}.projection')
+  p.choice(f'{d}.downsample', generator.DOWNSAMPLE_MODES)
 
   r = 'model.refiner'
   if p.flag(f'{r}.enabled'):

@@ -150,10 +150,26 @@ def test_resolution_16_and_no_mbstd():
 
 
 @pytest.mark.parametrize('overrides,shape', [(dict(channels=(16,)), (2, RES, RES, 3)),
-                                             (dict(), (2, 16, 16, 3))])
+                                             (dict(), (2, 16, 16, 3)),
+                                             (dict(downsample='blur'), (2, RES, RES, 3))])
 def test_invalid_inputs_raise(overrides, shape):
   kw = dict(resolution=RES, channels=CHANNELS, cond_dim=COND_DIM)
   kw.update(overrides)
   disc = D.Discriminator(**kw)
   with pytest.raises(ValueError):
     jax.eval_shape(lambda: disc.init(_key(0), jnp.ones(shape), jnp.zeros((2,)), jnp.ones((2, COND_DIM))))
+
+
+def test_downsample_modes_match_their_definitions():
+  """'stride' is the full-resolution conv read at every other pixel (XLA's SAME padding for stride 2 centres
+  output j on input 2j + 1); 'max' and 'avg' pool 2x2 before the same conv."""
+  x = jax.random.normal(_key(0), (2, 8, 8, 3))
+  params = D.EqualConv(5, 3).init(_key(1), x)
+  full = D.EqualConv(5, 3).apply(params, x)
+  down = {m: D.EqualConv(5, 3, down=2, downsample=m).apply(params, x) for m in ('avg', 'max', 'stride')}
+  np.testing.assert_allclose(down['stride'], full[:, 1::2, 1::2], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(down['max'], D.EqualConv(5, 3).apply(params, nn.max_pool(x, (2, 2), (2, 2))),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(down['avg'], D.EqualConv(5, 3).apply(params, nn.avg_pool(x, (2, 2), (2, 2))),
+                             rtol=1e-5, atol=1e-5)
+  assert not np.allclose(down['stride'], down['avg'])

@@ -16,8 +16,10 @@ Layout for resolution R and channels (c_R, c_{R/2}, ..., c_4):
       phi = lrelu(EqualDense(F)(flat) + dense(temb)), F = c_4
   logit = EqualDense(1)(phi) [+ sum(EqualDense(F)(s) * phi, -1) if projection]
 
-Downsampling is a 2x2 average pool followed by a stride-1 conv (see `EqualConv`). All convs/denses use
-equalized learning rate; lrelu is leaky ReLU(0.2) x sqrt(2).
+Downsampling (`downsample`, see `EqualConv`) is 'avg' (a 2x2 average pool, then a stride-1 conv: StyleGAN2's
+low-pass), 'max' (a 2x2 max pool, then the conv) or 'stride' (a stride-2 conv, no low-pass; the configs' choice:
+StyleGAN2's low-pass made 6-10 px shapes on 32 px images indistinguishable to D, docs/training.md "Why D could
+not see shapes"). All convs/denses use equalized learning rate; lrelu is leaky ReLU(0.2) x sqrt(2).
 
 The timestep embedding is temb = MLP(sinusoidal_embedding(t, t_embed_dim)) (two EqualDense + lrelu). With
 noise_aware=False no timestep path is built and t has no effect; with projection=False s has no effect.
@@ -67,6 +69,7 @@ class DiscriminatorBlock(nn.Module):
   """Residual down block: conv3x3 [+ temb bias] -> lrelu -> conv3x3 down2 -> lrelu, plus a 1x1 down2 skip."""
 
   out_channels: int
+  downsample: str = 'avg'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -74,12 +77,13 @@ class DiscriminatorBlock(nn.Module):
   def __call__(self, x: Array, temb: Array | None = None) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     cin = x.shape[-1]
-    skip = EqualConv(self.out_channels, 1, use_bias=False, down=2, name='skip', **kw)(x)
+    down = dict(down=2, downsample=self.downsample)
+    skip = EqualConv(self.out_channels, 1, use_bias=False, name='skip', **down, **kw)(x)
     h = EqualConv(cin, 3, name='conv0', **kw)(x)
     if temb is not None:
       h = h + EqualDense(cin, use_bias=False, name='temb_proj', **kw)(temb)[:, None, None, :]
     h = lrelu(h)
-    h = lrelu(EqualConv(self.out_channels, 3, down=2, name='conv1', **kw)(h))
+    h = lrelu(EqualConv(self.out_channels, 3, name='conv1', **down, **kw)(h))
     return block_output((h + skip) * math.sqrt(0.5))
 
 
@@ -94,6 +98,7 @@ class Discriminator(nn.Module):
     projection: add <EqualDense(s), phi> to the logit; False = unconditional (s is ignored, may be None).
     mbstd_group_size: minibatch-stddev group size (0 disables; reduced to a divisor of the batch).
     t_embed_dim: width of the sinusoidal timestep embedding and its MLP.
+    downsample: 'avg', 'max' or 'stride' (see the module docstring).
   """
 
   resolution: int
@@ -103,6 +108,7 @@ class Discriminator(nn.Module):
   projection: bool = True
   mbstd_group_size: int = 4
   t_embed_dim: int = 64
+  downsample: str = 'avg'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -127,7 +133,7 @@ class Discriminator(nn.Module):
     x = lrelu(EqualConv(self.channels[0], 1, name='from_rgb', **kw)(y.astype(self.dtype)))
     for i in range(n_res - 1):
       res = self.resolution // 2 ** i
-      x = DiscriminatorBlock(self.channels[i + 1], name=f'block_{res}', **kw)(x, temb)
+      x = DiscriminatorBlock(self.channels[i + 1], self.downsample, name=f'block_{res}', **kw)(x, temb)
 
     if self.mbstd_group_size > 0:
       x = minibatch_stddev(x, self.mbstd_group_size)

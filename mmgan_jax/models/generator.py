@@ -9,9 +9,10 @@ condition tokens at low resolutions. See /work/shared/EQUATIONS.md, "Generator".
 Layers (public; `discriminator.py` reuses the equalized-LR ones):
   EqualDense      dense layer, weight stored ~N(0, 1/lr_mul^2) and scaled by lr_mul / sqrt(fan_in) at run time,
                   bias stored as bias_init / lr_mul and multiplied by lr_mul.
-  EqualConv       conv with weight ~N(0, 1) scaled by 1/sqrt(kh kw Cin); `down=2` is a 2x2 average pool
-                  FOLLOWED by the stride-1 conv (a box-filter downsampler instead of StyleGAN2's [1,3,3,1] blur +
-                  stride-2 conv: simpler, a quarter of the FLOPs, and exactly equal for 1x1 convs).
+  EqualConv       conv with weight ~N(0, 1) scaled by 1/sqrt(kh kw Cin); `down=2` halves the resolution:
+                  'avg' a 2x2 average pool FOLLOWED by the stride-1 conv (a box-filter downsampler instead of
+                  StyleGAN2's [1,3,3,1] blur + stride-2 conv: a quarter of the FLOPs), 'max' a 2x2 max pool
+                  before it, 'stride' the conv at every other pixel (no low-pass: keeps small objects sharp).
   ModulatedConv   takes (x, style) with style s = A(w) already computed; the affine A (an EqualDense with
                   bias_init=1) lives in the layer that owns the ModulatedConv (`SynthesisLayer`, `ToRGB`). Uses
                   the efficient form y = conv(x * s_b, w) / sigma_b, sigma_{b,j} = sqrt(sum_{i,k} (s_{b,i}
@@ -92,10 +93,13 @@ def upsample2x_fir(x: Array) -> Array:
   return _up_axis(_up_axis(x, 1), 2)
 
 
-def _conv2d(x: Array, kernel: Array) -> Array:
-  """'SAME' stride-1 NHWC conv with an HWIO kernel; the output pinned to the batch layout (a tensor-parallel
-  kernel's output channels are gathered: models/partitioning.py says why)."""
-  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+DOWNSAMPLE_MODES = ('avg', 'max', 'stride')
+
+
+def _conv2d(x: Array, kernel: Array, stride: int = 1) -> Array:
+  """'SAME' NHWC conv with an HWIO kernel; the output pinned to the batch layout (a tensor-parallel kernel's
+  output channels are gathered: models/partitioning.py says why)."""
+  y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   return partitioning.batch_only(y)
 
 
@@ -147,13 +151,15 @@ class EqualDense(nn.Module):
 class EqualConv(nn.Module):
   """2-D 'SAME' conv with equalized learning rate: kernel ~N(0, 1) scaled by 1/sqrt(kh kw Cin) at run time.
 
-  `down=2` halves the resolution with a 2x2 average pool applied before the (stride-1) conv.
+  `down=2` halves the resolution, as `downsample` says: 'avg' a 2x2 average pool before the conv (StyleGAN2's
+  blur-then-subsample), 'max' a 2x2 max pool before the conv, 'stride' the conv evaluated at every other pixel.
   """
 
   features: int
   kernel_size: int = 3
   use_bias: bool = True
   down: int = 1
+  downsample: str = 'avg'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -161,14 +167,20 @@ class EqualConv(nn.Module):
   def __call__(self, x: Array) -> Array:
     if self.down not in (1, 2):
       raise ValueError(f'EqualConv: down must be 1 or 2, got {self.down}.')
+    if self.downsample not in DOWNSAMPLE_MODES:
+      raise ValueError(f'EqualConv: downsample must be one of {DOWNSAMPLE_MODES}, got {self.downsample!r}.')
     cin = x.shape[-1]
     k = self.kernel_size
     kernel = self.param('kernel', nn.with_logical_partitioning(nn.initializers.normal(1.0), CONV_NAMES),
                         (k, k, cin, self.features), self.param_dtype)
     x = x.astype(self.dtype)
-    if self.down == 2:
-      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-    y = _conv2d(x, (kernel / math.sqrt(k * k * cin)).astype(self.dtype))
+    stride = 1
+    if self.down == 2 and self.downsample == 'stride':
+      stride = 2
+    elif self.down == 2:
+      pool = nn.avg_pool if self.downsample == 'avg' else nn.max_pool
+      x = pool(x, (2, 2), strides=(2, 2))
+    y = _conv2d(x, (kernel / math.sqrt(k * k * cin)).astype(self.dtype), stride)
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)

@@ -152,7 +152,7 @@ def build_model(cfg, *, image_size: int, vocab_size: int, max_text_len: int, sam
   d = cfg.discriminator
   disc = Discriminator(resolution=latent[0], channels=tuple(d.channels), cond_dim=cfg.embed_dim,
                        noise_aware=d.noise_aware, projection=d.projection, mbstd_group_size=d.mbstd_group_size,
-                       name='discriminator', **kw)
+                       downsample=d.downsample, name='discriminator', **kw)
   dec = None
   if 'text' in modalities:
     t = cfg.text_decoder

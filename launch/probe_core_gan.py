@@ -8,6 +8,11 @@ noise. StyleGAN2 losses (non-saturating logistic, lazy R1 every 16 steps), match
 and an EMA of G. Every --every steps it prints the oracle's accuracy of EMA samples for 256 held-out label sets,
 and at the end writes a sample grid (--out). It tells what the core can learn in a given number of steps,
 separately from the conditioning path (docs/training.md, "What made the generator learn").
+
+  python launch/probe_core_gan.py --classify --steps=800 --lr=5e-3 --d_downsample=stride --num_train=8000
+
+trains D's features and a linear head per attribute on real images instead, and prints held-out accuracy: can
+D see shape at all (docs/training.md, "Why D could not see shapes").
 """
 
 import os
@@ -21,6 +26,7 @@ from absl import app, flags  # noqa: E402
 _STEPS = flags.DEFINE_integer('steps', 800, 'Training iterations (one D step and one G step each).')
 _BATCH = flags.DEFINE_integer('batch', 32, 'Batch size.')
 _LR = flags.DEFINE_float('lr', 5e-3, 'Adam learning rate of G and D.')
+_D_LR = flags.DEFINE_float('d_lr', 0.0, "D's Adam learning rate (0: --lr).")
 _MAP_LR = flags.DEFINE_float('mapping_lr_mul', 1.0, 'Learning-rate multiplier of the mapping network.')
 _NOISE = flags.DEFINE_bool('noise_injection', False, "G's per-pixel noise.")
 _R1 = flags.DEFINE_float('r1_gamma', 0.01, 'R1 weight (applied every 16 steps, times 16).')
@@ -28,6 +34,14 @@ _MISMATCH = flags.DEFINE_float('mismatch', 1.0, 'Weight of the matching-aware pa
 _HARD = flags.DEFINE_bool('hard_negatives', False, 'Mismatched labels differ from the true ones in ONE attribute '
                           '(default: another example of the batch).')
 _D_CHANNELS = flags.DEFINE_list('d_channels', ['16', '32', '64', '128'], 'D channels at 32, 16, 8, 4 px.')
+_D_DOWN = flags.DEFINE_enum('d_downsample', 'stride', ['avg', 'max', 'stride'], "D's downsampling (the configs' is 'stride').")
+_RECON = flags.DEFINE_float('recon', 0.0, 'Weight of the paired L1 fidelity term |G(z, c_i) - x_i| (0 = off).')
+_ADV = flags.DEFINE_float('adv', 1.0, "Weight of G's adversarial loss.")
+_AUX = flags.DEFINE_float('aux_cls', 0.0, 'AC-GAN: weight of an attribute classifier head on D features, '
+                          'trained on reals, applied to fakes (0 = off).')
+_CLASSIFY = flags.DEFINE_bool('classify', False, 'Instead of the GAN: train D (its features phi) and a linear head '
+                               'per attribute with cross-entropy on REAL images, and print the held-out accuracy '
+                               '(can D see the attributes at all, and how fast).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the initialisation and the batches.')
 _EVERY = flags.DEFINE_integer('every', 200, 'Evaluate every this many steps.')
 _TRAIN = flags.DEFINE_integer('num_train', 20_000, 'Training examples rendered up front.')
@@ -65,44 +79,73 @@ def main(argv):
                   w_dim=g.w_dim, mapping_layers=g.mapping_layers, mapping_lr_mul=_MAP_LR.value,
                   cross_attention_max_res=0, noise_injection=_NOISE.value)
   disc = Discriminator(resolution=32, channels=tuple(int(c) for c in _D_CHANNELS.value), cond_dim=cond_dim,
-                       noise_aware=False)
+                       noise_aware=False, downsample=_D_DOWN.value)
   b, z_dim = _BATCH.value, g.z_dim
   key = jax.random.PRNGKey(_SEED.value)
   gp = gen.init({'params': key, 'noise': key}, jnp.zeros((b, z_dim)), jnp.zeros((b, cond_dim)))['params']
   dp = disc.init(jax.random.fold_in(key, 1), jnp.zeros((b, 32, 32, 3)), None, jnp.zeros((b, cond_dim)))['params']
+  feat_dim = int(_D_CHANNELS.value[-1])
+  dp = {'disc': dp, 'head': {'w': jax.random.normal(jax.random.fold_in(key, 2), (feat_dim, cond_dim)) / feat_dim ** 0.5,
+                             'b': jnp.zeros((cond_dim,))}}
+
+  def disc_apply(dp, y, s):
+    return disc.apply({'params': dp['disc']}, y, None, s)
+
+  def aux_ce(dp, feats, attrs):
+    logits = feats @ dp['head']['w'] + dp['head']['b']
+    out, start = 0.0, 0
+    for i, k in enumerate(shapes.NUM_CLASSES):
+      out = out + optax.softmax_cross_entropy_with_integer_labels(logits[:, start:start + k], attrs[:, i]).mean()
+      start += k
+    return out
   tx = optax.adam(_LR.value, b1=0.0, b2=0.99)
-  opt_g, opt_d, ema = tx.init(gp), tx.init(dp), gp
+  tx_d = optax.adam(_D_LR.value or _LR.value, b1=0.0, b2=0.99)
+  opt_g, opt_d, ema = tx.init(gp), tx_d.init(dp), gp
+  if _CLASSIFY.value:
+    return classify(dp, opt_d, tx_d, disc_apply, aux_ce, images, labels, spec, b)
 
   def generate(params, z, c, k):
     return gen.apply({'params': params}, z, c, noise=_NOISE.value, rngs={'noise': k})[0]
 
-  def d_step(gp, dp, opt_d, x, c, c_wrong, k, with_r1):
+  def d_step(gp, dp, opt_d, x, c, c_wrong, attrs, k, with_r1):
     k_z, k_n = jax.random.split(k)
     fake = jax.lax.stop_gradient(generate(gp, jax.random.normal(k_z, (b, z_dim)), c, k_n))
 
     def loss_fn(dp):
-      d = lambda y, s: disc.apply({'params': dp}, y, None, s)[0]
-      loss, aux = losses.d_logistic_loss(d(x, c), d(fake, c), d(x, c_wrong) if _MISMATCH.value else None,
+      d = lambda y, s: disc_apply(dp, y, s)[0]
+      real, real_aux = disc_apply(dp, x, c)
+      loss, aux = losses.d_logistic_loss(real, d(fake, c), d(x, c_wrong) if _MISMATCH.value else None,
                                          _MISMATCH.value)
+      if _AUX.value:
+        loss = loss + _AUX.value * aux_ce(dp, real_aux['features'], attrs)
       if with_r1:
         loss = loss + 0.5 * _R1.value * R1_INTERVAL * losses.r1_penalty(lambda y: d(y, c), x)[0]
       return loss, aux
 
     (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(dp)
-    updates, opt_d = tx.update(grads, opt_d, dp)
+    updates, opt_d = tx_d.update(grads, opt_d, dp)
     return optax.apply_updates(dp, updates), opt_d, aux
 
-  def g_step(gp, dp, opt_g, ema, c, k, beta):
+  def g_step(gp, dp, opt_g, ema, x, c, attrs, k, beta):
     k_z, k_n = jax.random.split(k)
     z = jax.random.normal(k_z, (b, z_dim))
-    loss_fn = lambda gp: losses.g_nonsaturating_loss(disc.apply({'params': dp}, generate(gp, z, c, k_n), None,
-                                                                c)[0])
+
+    def loss_fn(gp):
+      fake = generate(gp, z, c, k_n)
+      logits, aux = disc_apply(dp, fake, c)
+      loss = _ADV.value * losses.g_nonsaturating_loss(logits)
+      if _AUX.value:
+        loss = loss + _AUX.value * aux_ce(dp, aux['features'], attrs)
+      if _RECON.value:
+        loss = loss + _RECON.value * jnp.mean(jnp.abs(fake - x))
+      return loss
+
     grads = jax.grad(loss_fn)(gp)
     updates, opt_g = tx.update(grads, opt_g, gp)
     gp = optax.apply_updates(gp, updates)
     return gp, opt_g, losses.ema_update(ema, gp, beta)
 
-  d_step = jax.jit(d_step, static_argnums=7)
+  d_step = jax.jit(d_step, static_argnums=8)
   g_step = jax.jit(g_step)
   sample = jax.jit(lambda params, c, k: generate(params, jax.random.normal(k, (c.shape[0], z_dim)), c,
                                                  jax.random.fold_in(k, 1)))
@@ -120,17 +163,62 @@ def main(argv):
     else:
       wrong = np.roll(attrs, 1, axis=0)
     k = jax.random.fold_in(key, step)
-    dp, opt_d, aux = d_step(gp, dp, opt_d, jnp.asarray(images[idx]), one_hot(attrs), one_hot(wrong),
+    dp, opt_d, aux = d_step(gp, dp, opt_d, jnp.asarray(images[idx]), one_hot(attrs), one_hot(wrong), jnp.asarray(attrs),
                             jax.random.fold_in(k, 0), step % R1_INTERVAL == 0)
     beta = losses.ema_decay(step * b, half_life_images=5_000, rampup=0.05, batch_size=b)
-    gp, opt_g, ema = g_step(gp, dp, opt_g, ema, one_hot(attrs), jax.random.fold_in(k, 1), beta)
+    gp, opt_g, ema = g_step(gp, dp, opt_g, ema, jnp.asarray(images[idx]), one_hot(attrs),
+                                 jnp.asarray(attrs), jax.random.fold_in(k, 1), beta)
     if step % _EVERY.value == 0 or step == _STEPS.value:
       out = np.asarray(sample(ema, one_hot(held_out), jax.random.PRNGKey(7)))
       acc = semantic_accuracy(out, held_out)
       print(f'step {step}  {time.time() - t0:.0f} s  D(real) {float(aux["real_logit_mean"]):+.2f}  '
             f'D(fake) {float(aux["fake_logit_mean"]):+.2f}  '
             + '  '.join(f'{name} {v:.3f}' for name, v in acc.items()), flush=True)
+  from mmgan_jax.data import oracle  # pylint: disable=g-import-not-at-top
+  pred = oracle.predict_attributes(out)
+  confusion = np.zeros((4, 4), int)
+  np.add.at(confusion, (held_out[:, 0], pred[:, 0]), 1)
+  print('shape confusion (rows: asked, columns: drawn; circle square triangle cross):')
+  print(confusion)
+  np.savez(_OUT.value + '.npz', samples=out, labels=held_out, pred=pred)
   print('wrote', save_png(out[:48], _OUT.value, columns=8))
+
+
+def classify(dp, opt_d, tx_d, disc_apply, aux_ce, images, labels, spec, b):
+  """--classify: supervised attribute classification of real images by D's features and a linear head."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from mmgan_jax.data import shapes  # pylint: disable=g-import-not-at-top
+
+  test = [shapes.make_example(spec, 0, 'test', i) for i in range(512)]
+  x_test = jnp.asarray(np.stack([e['image'] for e in test]).astype(np.float32) / 127.5 - 1.0)
+  y_test = np.stack([e['attributes'] for e in test])
+  no_cond = jnp.zeros((b, sum(shapes.NUM_CLASSES)))
+
+  @jax.jit
+  def step(dp, opt_d, x, attrs):
+    loss, grads = jax.value_and_grad(lambda p: aux_ce(p, disc_apply(p, x, no_cond)[1]['features'], attrs))(dp)
+    updates, opt_d = tx_d.update(grads, opt_d, dp)
+    return optax.apply_updates(dp, updates), opt_d, loss
+
+  @jax.jit
+  def predict(dp, x):
+    feats = disc_apply(dp, x, jnp.zeros((x.shape[0], no_cond.shape[1])))[1]['features']
+    logits = feats @ dp['head']['w'] + dp['head']['b']
+    bounds = np.cumsum((0,) + shapes.NUM_CLASSES)
+    return jnp.stack([jnp.argmax(logits[:, lo:hi], -1) for lo, hi in zip(bounds[:-1], bounds[1:])], -1)
+
+  rng = np.random.default_rng(_SEED.value)
+  t0 = time.time()
+  for i in range(1, _STEPS.value + 1):
+    idx = rng.integers(0, len(images), b)
+    dp, opt_d, loss = step(dp, opt_d, jnp.asarray(images[idx]), jnp.asarray(labels[idx]))
+    if i % _EVERY.value == 0 or i == _STEPS.value:
+      acc = (np.asarray(predict(dp, x_test)) == y_test).mean(0)
+      print(f'step {i}  {time.time() - t0:.0f} s  loss {float(loss):.3f}  '
+            + '  '.join(f'{n} {a:.3f}' for n, a in zip(shapes.ATTRIBUTE_NAMES, acc)), flush=True)
 
 
 if __name__ == '__main__':

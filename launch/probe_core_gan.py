@@ -34,7 +34,8 @@ _MISMATCH = flags.DEFINE_float('mismatch', 1.0, 'Weight of the matching-aware pa
 _HARD = flags.DEFINE_bool('hard_negatives', False, 'Mismatched labels differ from the true ones in ONE attribute '
                           '(default: another example of the batch).')
 _D_CHANNELS = flags.DEFINE_list('d_channels', ['16', '32', '64', '128'], 'D channels at 32, 16, 8, 4 px.')
-_D_DOWN = flags.DEFINE_enum('d_downsample', 'stride', ['avg', 'max', 'stride'], "D's downsampling (the configs' is 'stride').")
+_D_DOWN = flags.DEFINE_enum('d_downsample', 'stride', ['avg', 'max', 'stride'],
+                            "D's downsampling (the configs' is 'stride').")
 _RECON = flags.DEFINE_float('recon', 0.0, 'Weight of the paired L1 fidelity term |G(z, c_i) - x_i| (0 = off).')
 _ADV = flags.DEFINE_float('adv', 1.0, "Weight of G's adversarial loss.")
 _AUX = flags.DEFINE_float('aux_cls', 0.0, 'AC-GAN: weight of an attribute classifier head on D features, '
@@ -48,6 +49,15 @@ _TRAIN = flags.DEFINE_integer('num_train', 20_000, 'Training examples rendered u
 _OUT = flags.DEFINE_string('out', 'core_probe.png', 'Where the final sample grid goes.')
 
 R1_INTERVAL = 16
+
+
+def head_logits(dp, feats):
+  """The linear attribute head on D's features: one logits array per attribute (shape, colour, size, position)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mmgan_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  logits = feats @ dp['head']['w'] + dp['head']['b']
+  bounds = np.cumsum((0,) + shapes.NUM_CLASSES)
+  return [logits[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def main(argv):
@@ -92,12 +102,8 @@ def main(argv):
     return disc.apply({'params': dp['disc']}, y, None, s)
 
   def aux_ce(dp, feats, attrs):
-    logits = feats @ dp['head']['w'] + dp['head']['b']
-    out, start = 0.0, 0
-    for i, k in enumerate(shapes.NUM_CLASSES):
-      out = out + optax.softmax_cross_entropy_with_integer_labels(logits[:, start:start + k], attrs[:, i]).mean()
-      start += k
-    return out
+    return sum(optax.softmax_cross_entropy_with_integer_labels(logits, attrs[:, i]).mean()
+               for i, logits in enumerate(head_logits(dp, feats)))
   tx = optax.adam(_LR.value, b1=0.0, b2=0.99)
   tx_d = optax.adam(_D_LR.value or _LR.value, b1=0.0, b2=0.99)
   opt_g, opt_d, ema = tx.init(gp), tx_d.init(dp), gp
@@ -163,11 +169,11 @@ def main(argv):
     else:
       wrong = np.roll(attrs, 1, axis=0)
     k = jax.random.fold_in(key, step)
-    dp, opt_d, aux = d_step(gp, dp, opt_d, jnp.asarray(images[idx]), one_hot(attrs), one_hot(wrong), jnp.asarray(attrs),
-                            jax.random.fold_in(k, 0), step % R1_INTERVAL == 0)
+    x, c, a = jnp.asarray(images[idx]), one_hot(attrs), jnp.asarray(attrs)
+    dp, opt_d, aux = d_step(gp, dp, opt_d, x, c, one_hot(wrong), a, jax.random.fold_in(k, 0),
+                            step % R1_INTERVAL == 0)
     beta = losses.ema_decay(step * b, half_life_images=5_000, rampup=0.05, batch_size=b)
-    gp, opt_g, ema = g_step(gp, dp, opt_g, ema, jnp.asarray(images[idx]), one_hot(attrs),
-                                 jnp.asarray(attrs), jax.random.fold_in(k, 1), beta)
+    gp, opt_g, ema = g_step(gp, dp, opt_g, ema, x, c, a, jax.random.fold_in(k, 1), beta)
     if step % _EVERY.value == 0 or step == _STEPS.value:
       out = np.asarray(sample(ema, one_hot(held_out), jax.random.PRNGKey(7)))
       acc = semantic_accuracy(out, held_out)
@@ -190,7 +196,7 @@ def classify(dp, opt_d, tx_d, disc_apply, aux_ce, images, labels, spec, b):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from mmgan_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  from mmgan_jax.data import oracle, shapes  # pylint: disable=g-import-not-at-top
 
   test = [shapes.make_example(spec, 0, 'test', i) for i in range(512)]
   x_test = jnp.asarray(np.stack([e['image'] for e in test]).astype(np.float32) / 127.5 - 1.0)
@@ -206,9 +212,7 @@ def classify(dp, opt_d, tx_d, disc_apply, aux_ce, images, labels, spec, b):
   @jax.jit
   def predict(dp, x):
     feats = disc_apply(dp, x, jnp.zeros((x.shape[0], no_cond.shape[1])))[1]['features']
-    logits = feats @ dp['head']['w'] + dp['head']['b']
-    bounds = np.cumsum((0,) + shapes.NUM_CLASSES)
-    return jnp.stack([jnp.argmax(logits[:, lo:hi], -1) for lo, hi in zip(bounds[:-1], bounds[1:])], -1)
+    return jnp.stack([jnp.argmax(logits, -1) for logits in head_logits(dp, feats)], -1)
 
   rng = np.random.default_rng(_SEED.value)
   t0 = time.time()
@@ -216,9 +220,9 @@ def classify(dp, opt_d, tx_d, disc_apply, aux_ce, images, labels, spec, b):
     idx = rng.integers(0, len(images), b)
     dp, opt_d, loss = step(dp, opt_d, jnp.asarray(images[idx]), jnp.asarray(labels[idx]))
     if i % _EVERY.value == 0 or i == _STEPS.value:
-      acc = (np.asarray(predict(dp, x_test)) == y_test).mean(0)
+      acc = oracle.attribute_accuracy(predict(dp, x_test), y_test)
       print(f'step {i}  {time.time() - t0:.0f} s  loss {float(loss):.3f}  '
-            + '  '.join(f'{n} {a:.3f}' for n, a in zip(shapes.ATTRIBUTE_NAMES, acc)), flush=True)
+            + '  '.join(f'{n} {acc[n]:.3f}' for n in shapes.ATTRIBUTE_NAMES), flush=True)
 
 
 if __name__ == '__main__':

@@ -71,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 1000
+  # Iterations that train only the representation side (encoders, fusion, captioner, refiner) before G and D
+  # start, as DF-GAN/AttnGAN pretrain their text encoder (DAMSM) before the GAN: G and D then learn from
+  # conditions that already tell the attributes apart, not from the random features of fresh encoders.
+  c.gan_start = 0
 
   # Data. `name` picks the pipeline in mmgan_jax/data/registry.py.
   c.data = ml_collections.ConfigDict(dict(
@@ -200,6 +204,7 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A few steps of a tiny model at 32x32 in pixel space: what the end-to-end tests of every config run."""
   c.total_steps = 6
+  c.gan_start = 0
   c.data.update(global_batch=8, image_size=32)
   m = c.model
   m.dtype = 'float32'

@@ -16,6 +16,11 @@ import ml_collections
 
 FILENAME = 'config.json'
 
+# Fields added to configs/common.py after runs were saved, with the value that reproduces how those runs
+# trained; `load` fills them into an older config.json (and nothing else: any other missing field is an error
+# of the config checks).
+ADDED_FIELDS = {'gan_start': 0}
+
 
 def path(workdir: str) -> str:
   return os.path.join(workdir, FILENAME)
@@ -60,6 +65,12 @@ def load(workdir: str) -> ml_collections.ConfigDict:
     raise ValueError(f'{p} is not readable JSON ({e}); pass --config=... instead.') from None
   if not isinstance(data, dict) or 'model' not in data or 'data' not in data:
     raise ValueError(f'{p} is not an mmgan_jax config (no model/data sections); pass --config=... instead.')
+  for dotted, value in ADDED_FIELDS.items():
+    *parents, leaf = dotted.split('.')
+    node = data
+    for name in parents:
+      node = node.setdefault(name, {})
+    node.setdefault(leaf, value)
   config = ml_collections.ConfigDict(_tuples(data))
   config.lock()
   return config

@@ -496,7 +496,9 @@ def _data(p: _Checker, sizes: dict[str, int] | None, batch_axes) -> str | None:
 
 def _training(p: _Checker) -> None:
   p.integer('seed', None)
-  p.integer('total_steps', 1)
+  total = p.integer('total_steps', 1)
+  p.integer('gan_start', 0, None if total is None else total - 1,
+            why='iterations of representation training before G and D start; 0 starts them at once')
   p.integer('log_every', 1)
   p.integer('checkpoint_every', 1)
   p.integer('sample_every', 0, why='0 switches sample grids off')

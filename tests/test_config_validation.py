@@ -91,6 +91,7 @@ BAD = [
     ({'diffusion_gan.t_hi': 2000.0}, 1, 'config.diffusion_gan.t_hi', '[0, 1000]'),
     ({'modality_dropout': 1.5}, 1, 'config.modality_dropout', '[0, 1]'),
     ({'total_steps': 0}, 1, 'config.total_steps', 'an integer >= 1'),
+    ({'gan_start': 6}, 1, 'config.gan_start', 'an integer in [0, 5]'),  # the smoke config trains 6 steps
     ({'log_every': 0}, 1, 'config.log_every', 'an integer >= 1'),
     ({'checkpoint_every': -3}, 1, 'config.checkpoint_every', 'an integer >= 1'),
     ({'data.max_text_len': 1}, 1, 'config.data.max_text_len', 'an integer >= 2'),

@@ -4,6 +4,7 @@ One workdir is trained per module (launch/train.py's library entry point, so it 
 does); the library checks use it in process, the CLI check runs the real launcher once with every mode.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def sampler(workdir):
   return sampling.Sampler.from_workdir(workdir)
 
 
-def test_workdir_config_round_trips(workdir):
+def test_workdir_config_round_trips(workdir, tmp_path):
   """config.json read back is the config the run was started with (tuples included), locked."""
   config = smoke_config(**{'total_steps': 2, 'checkpoint_every': 2, 'sample_every': 0, 'log_every': 1,
                            'eval.evaluators': ('retrieval',)})
@@ -46,6 +47,18 @@ def test_workdir_config_round_trips(workdir):
   assert isinstance(loaded.model.generator.channels, tuple) and loaded.is_locked
   with pytest.raises(FileNotFoundError, match='config.json'):
     config_io.load(os.path.dirname(workdir))
+  # A config.json saved before a field was added reads back with the value that reproduces its training.
+  older = tmp_path / 'older'
+  older.mkdir()
+  saved = json.loads(open(config_io.path(workdir)).read())
+  for dotted in config_io.ADDED_FIELDS:
+    *parents, leaf = dotted.split('.')
+    node = saved
+    for name in parents:
+      node = node[name]
+    del node[leaf]
+  (older / config_io.FILENAME).write_text(json.dumps(saved))
+  assert config_io.load(str(older)).to_dict() == config.to_dict()
 
 
 def test_text_to_image_is_seeded_and_prompt_major(sampler):

@@ -1,5 +1,6 @@
 """Train state, steps, sharding, checkpoint/resume, determinism and ablation switches on the smoke config."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -92,6 +93,20 @@ def test_train_steps_run_and_report(smoke):
   e = jax.tree.leaves(state.ema['generator'])
   p = jax.tree.leaves(state.params['generator'])
   assert any(not np.array_equal(a, b) for a, b in zip(e, p))
+
+
+def test_gan_start_trains_only_the_representation(smoke):
+  """Before config.gan_start the iteration is the representation step: encoders, fusion, captioner and refiner
+  move; G (and its EMA) and D do not."""
+  s = dataclasses.replace(smoke, config=smoke_config(gan_start=2))
+  state, metrics, _ = run(s, smoke.state, 2)  # two: the representation's warm-up schedule starts at lr 0
+  assert int(state.step) == 2 and 'align/loss' in metrics[1] and 'd/loss' not in metrics[1]
+  before, after = host(smoke.state.params), host(state.params)
+  for name in before:
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])))
+    assert same == (name in ('generator', 'discriminator')), name
+  for a, b in zip(jax.tree.leaves(smoke.state.ema['generator']), jax.tree.leaves(state.ema['generator'])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # (the EMA's lerp toward an equal value)
 
 
 def test_same_seed_same_losses_different_seed_different():

@@ -63,6 +63,9 @@ class Steps:
   d_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
   d_step_r1: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
   g_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+  # The representation update alone (encoders, fusion, captioner, refiner; G and D unchanged): the iterations
+  # before `config.gan_start`, so the GAN starts on conditions that already tell the attributes apart.
+  rep_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
   # The raw gradients (for tests and debugging): D's with R1, and every G-side component's; (state, batch) or
   # (state, micro_batch, micro_index) for one micro-batch of gradient accumulation.
   d_grads: Callable[..., Any]
@@ -325,8 +328,18 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
                     'rep/total': rep_loss})
     return grads, lam, metrics
 
-  def g_step(state: TrainState, batch: Batch):
-    grads, lam, metrics = accumulate(g_compute, state, batch)
+  def rep_compute(state: TrainState, batch: Batch, micro=None):
+    """The representation side's gradients alone (G's are zero): the steps before `gan_start`."""
+    ks = keys(state, _G_STREAM, 12, micro)
+    present = sample_presence(model, ks[0], batch['image'].shape[0], config.modality_dropout)
+    rep_params = {k: v for k, v in g_side(state.params).items() if k != 'generator'}
+    (rep_loss, (terms, _)), rep_grads = jax.value_and_grad(rep_loss_fn, has_aux=True)(
+        rep_params, state, batch, present, ks[1:4])
+    grads = dict(rep_grads, generator=jax.tree.map(jnp.zeros_like, state.params['generator']))
+    return grads, state.adaptive['lambda_adv'], dict(terms, **{'rep/total': rep_loss})
+
+  def g_step(state: TrainState, batch: Batch, compute=g_compute):
+    grads, lam, metrics = accumulate(compute, state, batch)
     b = batch['image'].shape[0]
     params_g = g_side(state.params)
     updates, opt_g = tx_g.update(grads, state.opt_g, params_g)
@@ -338,7 +351,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     new = state.replace(step=state.step + 1, params=new_params, opt_g=opt_g, ema=ema,
                         adaptive={**state.adaptive, 'lambda_adv': lam, 'images_seen': images_seen})
     norms = {f'grad_norm/{k}': optax.global_norm(v) for k, v in grads.items()}
-    ok = losses.all_finite((metrics['rep/total'], metrics['g/total'], list(norms.values())))
+    ok = losses.all_finite((metrics['rep/total'], metrics.get('g/total', 0.0), list(norms.values())))
     new = _guard(ok, new, state)
     metrics.update(norms)
     metrics.update({'ema/beta': beta, 'guard/g_finite': ok.astype(jnp.float32),
@@ -370,4 +383,5 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
 
   return Steps(d_step=with_rules(lambda s, b: d_step_impl(s, b, False)),
                d_step_r1=with_rules(lambda s, b: d_step_impl(s, b, True)), g_step=with_rules(g_step),
+               rep_step=with_rules(lambda s, b: g_step(s, b, rep_compute)),
                d_grads=with_rules(d_grads), g_grads=with_rules(g_grads))

@@ -251,7 +251,7 @@ class Setup:
   state: state_lib.TrainState
   state_shardings: Any
   batch_shardings: dict[str, NamedSharding]
-  steps: Any  # jitted d_step, d_step_r1, g_step
+  steps: Any  # jitted d_step, d_step_r1, g_step, rep_step
   checkpointer: ckpt_lib.Checkpointer | None
   start_step: int
 
@@ -305,7 +305,8 @@ def setup(config, workdir: str | None, *, devices=None, restore_step: int | None
   fns = make_steps(model, config, tx_g, tx_d)
   jit = lambda f: jax.jit(f, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
                           donate_argnums=0)
-  steps = dataclasses.replace(fns, d_step=jit(fns.d_step), d_step_r1=jit(fns.d_step_r1), g_step=jit(fns.g_step))
+  steps = dataclasses.replace(fns, d_step=jit(fns.d_step), d_step_r1=jit(fns.d_step_r1), g_step=jit(fns.g_step),
+                              rep_step=jit(fns.rep_step))
   return Setup(config, model, mesh, data, state, shardings, batch_sh, steps, checkpointer, start_step)
 
 
@@ -316,7 +317,10 @@ def next_batch(s: Setup) -> dict[str, jax.Array]:
 
 
 def train_step(s: Setup, state, batch, step: int):
-  """One iteration: D step (with lazy R1 every r1_interval) then G step."""
+  """One iteration: D step (with lazy R1 every r1_interval) then G step; before `gan_start` the
+  representation step alone."""
+  if step < s.config.get('gan_start', 0):  # (absent from the config.json of older runs)
+    return s.steps.rep_step(state, batch)
   lc = s.config.loss
   use_r1 = lc.r1_gamma > 0 and lc.r1_interval > 0 and step % lc.r1_interval == 0
   state, d_metrics = (s.steps.d_step_r1 if use_r1 else s.steps.d_step)(state, batch)

@@ -107,6 +107,10 @@ def test_gan_start_trains_only_the_representation(smoke):
     assert same == (name in ('generator', 'discriminator')), name
   for a, b in zip(jax.tree.leaves(smoke.state.ema['generator']), jax.tree.leaves(state.ema['generator'])):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # (the EMA's lerp toward an equal value)
+  # G's Adam moments and step count too: G's first real update is scaled as if it were its first.
+  gan_before, gan_after = (host(o.inner_states['gan']) for o in (smoke.state.opt_g, state.opt_g))
+  for a, b in zip(jax.tree.leaves(gan_before), jax.tree.leaves(gan_after)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_same_seed_same_losses_different_seed_different():

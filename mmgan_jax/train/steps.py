@@ -256,14 +256,19 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     terms['align/logit_scale'] = scale
     return total, (terms, jax.lax.stop_gradient(enc['generate']))
 
-  def g_compute(state: TrainState, batch: Batch, micro=None):
-    """Gradients for every G-side component, the adaptive weight, and the loss terms."""
+  def rep_part(state: TrainState, batch: Batch, micro):
+    """The G stream's keys, and the representation side's loss, terms, (stopped) conditions and gradients."""
     ks = keys(state, _G_STREAM, 12, micro)
-    b = batch['image'].shape[0]
-    present = sample_presence(model, ks[0], b, config.modality_dropout)
+    present = sample_presence(model, ks[0], batch['image'].shape[0], config.modality_dropout)
     rep_params = {k: v for k, v in g_side(state.params).items() if k != 'generator'}
     (rep_loss, (terms, cond)), rep_grads = jax.value_and_grad(rep_loss_fn, has_aux=True)(
         rep_params, state, batch, present, ks[1:4])
+    return ks, rep_loss, terms, cond, rep_grads
+
+  def g_compute(state: TrainState, batch: Batch, micro=None):
+    """Gradients for every G-side component, the adaptive weight, and the loss terms."""
+    ks, rep_loss, terms, cond, rep_grads = rep_part(state, batch, micro)
+    b = batch['image'].shape[0]
 
     # Generator losses: the first half of the batch's conditions, two samples each (mode seeking), so G, R and
     # D see B samples as in the D step. Conditions and the other networks are frozen here.
@@ -330,11 +335,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
 
   def rep_compute(state: TrainState, batch: Batch, micro=None):
     """The representation side's gradients alone (G's are zero): the steps before `gan_start`."""
-    ks = keys(state, _G_STREAM, 12, micro)
-    present = sample_presence(model, ks[0], batch['image'].shape[0], config.modality_dropout)
-    rep_params = {k: v for k, v in g_side(state.params).items() if k != 'generator'}
-    (rep_loss, (terms, _)), rep_grads = jax.value_and_grad(rep_loss_fn, has_aux=True)(
-        rep_params, state, batch, present, ks[1:4])
+    _, rep_loss, terms, _, rep_grads = rep_part(state, batch, micro)
     grads = dict(rep_grads, generator=jax.tree.map(jnp.zeros_like, state.params['generator']))
     return grads, state.adaptive['lambda_adv'], dict(terms, **{'rep/total': rep_loss})
 
@@ -343,6 +344,10 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     b = batch['image'].shape[0]
     params_g = g_side(state.params)
     updates, opt_g = tx_g.update(grads, state.opt_g, params_g)
+    if compute is rep_compute:
+      # G does not train yet: its Adam state stays as it was. Zero gradients would decay the second moment and
+      # advance the bias-correction count, making G's first real updates ~10x too large (beta2 = 0.99).
+      opt_g = opt_g._replace(inner_states={**opt_g.inner_states, 'gan': state.opt_g.inner_states['gan']})
     new_params = dict(state.params, **optax.apply_updates(params_g, updates))
     images_seen = state.adaptive['images_seen'] + b
     beta = losses.ema_decay(images_seen, half_life_images=config.ema.half_life_images,

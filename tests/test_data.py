@@ -92,6 +92,16 @@ def test_captions_name_the_attributes():
     assert any(w in c for w in shapes.SIZE_WORDS[size_id])
 
 
+@pytest.mark.parametrize('attrs', [(0, 0, 0, 0), (1, 2, 1, 4), (2, 5, 2, 8), (3, 3, 1, 3), (0, 4, 2, 1)])
+def test_every_caption_parses_back_to_its_attributes(attrs):
+  """The captioner is scored per attribute by parsing its captions: every wording must parse to its values
+  (e.g. 'in the middle left' is the left, not the centre); what names nothing is -1."""
+  for c in shapes.all_captions(attrs):
+    np.testing.assert_array_equal(shapes.parse_caption(c), attrs, err_msg=c)
+  np.testing.assert_array_equal(shapes.parse_caption('a   BIG red thing'), (-1, 0, 2, -1))
+  assert oracle.attribute_accuracy(shapes.parse_caption('')[None], np.asarray([attrs]))['mean'] == 0.0
+
+
 # ------------------------------------------------------------------------------------------------ oracle
 @pytest.mark.parametrize('spec,n', [(CLEAN, 2000), (NOISY, 2000), (shapes.ShapesSpec(image_size=64), 300),
                                     (shapes.ShapesSpec(image_size=64, noisy=True), 300)])

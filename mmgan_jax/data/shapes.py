@@ -296,6 +296,33 @@ def all_captions(attributes) -> list[str]:
   return sorted(out)
 
 
+def _phrase_table() -> tuple[tuple[str, int, int], ...]:
+  """(phrase, attribute index, class) for every wording of every attribute value, longest phrases first."""
+  tables = (SHAPE_WORDS, COLOUR_WORDS, SIZE_WORDS)
+  rows = [(w, a, k) for a, table in enumerate(tables) for k, words in enumerate(table) for w in words]
+  rows += [(w, 3, k) for table in (POSITION_PHRASES, POSITION_NAMES) for k, words in enumerate(table)
+           for w in words]
+  return tuple(sorted(set(rows), key=lambda r: -len(r[0])))
+
+
+def parse_caption(text: str) -> np.ndarray:
+  """The attributes a caption states: int32 (4,) (shape, colour, size, position), -1 where none is named.
+
+  Longest wording first, each word used once ("in the middle left" is the left, not the centre), so every
+  caption `all_captions(a)` parses back to `a`; used to score the captioner per attribute.
+  """
+  words = ' '.join(text.lower().split()).split(' ')
+  used = [False] * len(words)
+  out = np.full((4,), -1, np.int32)
+  for phrase, attr, cls in _PHRASES:
+    p = phrase.split(' ')
+    for i in range(len(words) - len(p) + 1):
+      if out[attr] < 0 and words[i:i + len(p)] == p and not any(used[i:i + len(p)]):
+        out[attr] = cls
+        used[i:i + len(p)] = [True] * len(p)
+  return out
+
+
 def caption_vocabulary() -> tuple[str, ...]:
   """Sorted tuple of every word any caption can contain (closed vocabulary)."""
   words = set()
@@ -451,3 +478,6 @@ class ShapesSource:
   def __repr__(self) -> str:
     return (f'ShapesSource(spec={self.spec!r}, seed={self.seed}, split={self.split!r}, '
             f'num_examples={self.num_examples})')
+
+
+_PHRASES = _phrase_table()

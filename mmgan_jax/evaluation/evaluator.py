@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mmgan_jax.data import oracle
+from mmgan_jax.data import oracle, shapes
 from mmgan_jax.evaluation import semantic, text_metrics
 from mmgan_jax.models import mmgan, text_decoder
 
@@ -100,8 +100,9 @@ class Plugin:
   def samples(self, setting: str, stage: str, images: np.ndarray, batch: Mapping[str, np.ndarray]) -> None:
     """Generated images for `setting` at `stage`, aligned with `batch`."""
 
-  def captions(self, setting: str, predictions: list[str], references: Sequence[Sequence[str]]) -> None:
-    """Decoded captions for `setting` and every example's reference captions."""
+  def captions(self, setting: str, predictions: list[str], references: Sequence[Sequence[str]],
+               batch: Mapping[str, np.ndarray]) -> None:
+    """Decoded captions for `setting`, every example's reference captions, aligned with `batch`."""
 
   def embeddings(self, vectors: Mapping[str, np.ndarray]) -> None:
     """Shared-space vectors {modality: (B, D)}."""
@@ -119,7 +120,8 @@ def _settings(requested: Sequence[str], table: Mapping[str, tuple[str, ...]], mo
 
 
 class SemanticPlugin(Plugin):
-  """Oracle accuracy (shape, colour, size, position, mean, all_correct) per setting and stage."""
+  """Per-attribute accuracy (shape, colour, size, position, mean, all_correct): of generated images by the
+  oracle, per setting and stage; and of decoded captions (the attributes they name), per captioning setting."""
   name = 'semantic'
 
   def __init__(self, ctx: 'Context'):
@@ -128,10 +130,15 @@ class SemanticPlugin(Plugin):
                        f"config.data.name={ctx.config.data.name!r} has no such labels. Drop it from "
                        'config.eval.evaluators (use fid/captions/retrieval).')
     self.generated = tuple((s, st) for s in ctx.generate_settings for st in STAGES)
+    self.caption_settings = ctx.caption_settings if ctx.model.text_decoder is not None else ()
 
   def start(self):
-    self._pred: dict[tuple[str, str], list[np.ndarray]] = {}
-    self._labels: dict[tuple[str, str], list[np.ndarray]] = {}
+    self._pred: dict[tuple[str, ...], list[np.ndarray]] = {}
+    self._labels: dict[tuple[str, ...], list[np.ndarray]] = {}
+
+  def captions(self, setting, predictions, references, batch):
+    self._pred.setdefault((setting,), []).append(np.stack([shapes.parse_caption(c) for c in predictions]))
+    self._labels.setdefault((setting,), []).append(np.asarray(batch['attributes'], np.int32))
 
   def samples(self, setting, stage, images, batch):
     self._pred.setdefault((setting, stage), []).append(oracle.predict_attributes(images))
@@ -139,9 +146,9 @@ class SemanticPlugin(Plugin):
 
   def result(self):
     out = {}
-    for (setting, stage), pred in self._pred.items():
-      acc = oracle.attribute_accuracy(np.concatenate(pred), np.concatenate(self._labels[(setting, stage)]))
-      out.update({f'{setting}/{stage}/{k}': float(v) for k, v in acc.items()})
+    for key, pred in self._pred.items():
+      acc = oracle.attribute_accuracy(np.concatenate(pred), np.concatenate(self._labels[key]))
+      out.update({'/'.join(key + (k,)): float(v) for k, v in acc.items()})
     return out
 
 
@@ -169,7 +176,8 @@ class CaptionPlugin(Plugin):
     self._pred: dict[str, list[str]] = {}
     self._refs: dict[str, list[Sequence[str]]] = {}
 
-  def captions(self, setting, predictions, references):
+  def captions(self, setting, predictions, references, batch):
+    del batch
     self._pred.setdefault(setting, []).extend(predictions)
     self._refs.setdefault(setting, []).extend(references)
 
@@ -445,7 +453,7 @@ class Evaluator:
         preds = self.captions(state, batch, CAPTION_SETTINGS[setting])
         for p in plugins:
           if setting in p.caption_settings:
-            p.captions(setting, preds, refs)
+            p.captions(setting, preds, refs, batch)
       if any(p.needs_embeddings for p in plugins):
         vectors = self._embed(params, _pad(self._inputs(batch), max(n, self.batch_size)))
         vectors = {m: v[:n] for m, v in fetch(vectors).items()}

@@ -98,7 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.embed_dim = 64  # shared-latent vector size E
   # Encoders: ours (type='own': the size fields) or a transformers Flax model; see encoder_fields().
   m.text_encoder = dict(width=64, depth=2, num_heads=4, **encoder_fields())
-  m.image_encoder = dict(patch_size=4, width=64, depth=2, num_heads=4, **encoder_fields())
+  m.image_encoder = dict(patch_size=4, width=64, depth=2, num_heads=4, stem='patch', **encoder_fields())
   m.audio_encoder = dict(width=64, depth=2, num_heads=4, n_mels=64, downsample=4, **encoder_fields())
   m.fusion = dict(self_depth=1, cross_depth=1, num_heads=4, cross_attention=True)
   m.generator = dict(z_dim=64, w_dim=128, mapping_layers=4, mapping_lr_mul=0.01, channels=(128, 64, 32, 16),
@@ -131,6 +131,9 @@ def get_config() -> ml_collections.ConfigDict:
       adaptive=True,  # VQGAN-style lambda_adv = |grad sem| / |grad adv| at G's last layer
       adaptive_max=1e4,
       sem=1.0,  # XMC-GAN semantic consistency: InfoNCE(image-encoder(G out), condition)
+      # Caption consistency (MirrorGAN's STREAM, redescription): cross-entropy of the example's caption by the
+      # captioner reading G's sample alone; teaches G every word, shape and size included.
+      sem_caption=0.0,
       div=0.1,  # MSGAN mode seeking
       align=1.0,  # CLIP InfoNCE between modalities
       caption=1.0,  # captioning cross-entropy

@@ -12,7 +12,8 @@ separately from the conditioning path (docs/training.md, "What made the generato
   python launch/probe_core_gan.py --classify --steps=800 --lr=5e-3 --d_downsample=stride --num_train=8000
 
 trains D's features and a linear head per attribute on real images instead, and prints held-out accuracy: can
-D see shape at all (docs/training.md, "Why D could not see shapes").
+D see shape at all (docs/training.md, "Why D could not see shapes"). --classify_net=vit_patch|vit_conv asks the
+same of the image encoder behind the semantic losses (docs/training.md, "The captioner as G's shape teacher").
 """
 
 import os
@@ -43,6 +44,9 @@ _AUX = flags.DEFINE_float('aux_cls', 0.0, 'AC-GAN: weight of an attribute classi
 _CLASSIFY = flags.DEFINE_bool('classify', False, 'Instead of the GAN: train D (its features phi) and a linear head '
                                'per attribute with cross-entropy on REAL images, and print the held-out accuracy '
                                '(can D see the attributes at all, and how fast).')
+_NET = flags.DEFINE_enum('classify_net', 'd', ['d', 'vit_patch', 'vit_conv'],
+                        "--classify: whose features: D's, or the demo's image encoder (a ViT, width 64, depth 2, "
+                        "4x4 patches; mean-pooled tokens) with the patchify stem or the conv stem.")
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the initialisation and the batches.')
 _EVERY = flags.DEFINE_integer('every', 200, 'Evaluate every this many steps.')
 _TRAIN = flags.DEFINE_integer('num_train', 20_000, 'Training examples rendered up front.')
@@ -104,8 +108,21 @@ def main(argv):
   def aux_ce(dp, feats, attrs):
     return sum(optax.softmax_cross_entropy_with_integer_labels(logits, attrs[:, i]).mean()
                for i, logits in enumerate(head_logits(dp, feats)))
+  if _CLASSIFY.value and _NET.value != 'd':  # the image encoder's features instead of D's
+    import flax.linen  # pylint: disable=g-import-not-at-top
+    from mmgan_jax.models.encoders import ImageEncoder  # pylint: disable=g-import-not-at-top
+    i = shapes_config.get_config().model.image_encoder
+    enc = ImageEncoder(patch_size=i.patch_size, width=i.width, depth=i.depth, num_heads=i.num_heads,
+                       posemb='sincos2d', stem=_NET.value[len('vit_'):])
+    dp = {'disc': flax.linen.unbox(enc.init(key, jnp.zeros((1, 32, 32, 3)))['params']),
+          'head': {'w': jax.random.normal(jax.random.fold_in(key, 2), (i.width, cond_dim)) / i.width ** 0.5,
+                   'b': jnp.zeros((cond_dim,))}}
+    disc_apply = lambda dp, y, s: (None, {'features': enc.apply({'params': dp['disc']}, y)[0].mean(1)})
   tx = optax.adam(_LR.value, b1=0.0, b2=0.99)
   tx_d = optax.adam(_D_LR.value or _LR.value, b1=0.0, b2=0.99)
+  if _CLASSIFY.value and _NET.value != 'd':  # the optimiser the encoders train with (config.optim.rep_*)
+    o = shapes_config.get_config().optim
+    tx_d = optax.adamw(_LR.value, b1=o.rep_b1, b2=o.rep_b2, weight_decay=o.rep_weight_decay)
   opt_g, opt_d, ema = tx.init(gp), tx_d.init(dp), gp
   if _CLASSIFY.value:
     return classify(dp, opt_d, tx_d, disc_apply, aux_ce, images, labels, spec, b)

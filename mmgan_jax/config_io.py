@@ -19,7 +19,8 @@ FILENAME = 'config.json'
 # Fields added to configs/common.py after runs were saved, with the value that reproduces how those runs
 # trained; `load` fills them into an older config.json (and nothing else: any other missing field is an error
 # of the config checks).
-ADDED_FIELDS = {'gan_start': 0}
+ADDED_FIELDS = {'gan_start': 0, 'model.image_encoder.stem': 'patch',
+                'loss.sem_caption': 0.0}
 
 
 def path(workdir: str) -> str:

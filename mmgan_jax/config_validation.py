@@ -293,12 +293,18 @@ def _model(p: _Checker, modalities: tuple[str, ...] | None, latent: int | None) 
   if 'text' in mods:
     _transformer(p, 'model.text_encoder')
     _transformer(p, 'model.text_decoder')
+  elif modalities is not None and _is_real(p.get('loss.sem_caption', 0)) and p.get('loss.sem_caption', 0) > 0:
+    p.add('loss.sem_caption', p.get('loss.sem_caption'), "the caption-consistency loss needs the captioner, "
+          "which exists only with 'text' in config.model.modalities; allowed here: 0.")
   if 'audio' in mods:
     _transformer(p, 'model.audio_encoder')
     p.integer('model.audio_encoder.n_mels', 1)
     p.integer('model.audio_encoder.downsample', 1)
   _transformer(p, 'model.image_encoder', sincos2d=True)
   patch = p.integer('model.image_encoder.patch_size', 1)
+  if p.choice('model.image_encoder.stem', ('patch', 'conv')) == 'conv' and patch is not None and not _is_pow2(patch):
+    p.add('model.image_encoder.stem', 'conv', f"a conv stem halves the image log2(patch_size) times; patch_size "
+          f"{patch} is not a power of 2 (use stem='patch', or patch_size 1, 2, 4, 8, 16, ...).")
   size = p.get('data.image_size', None)
   if patch is not None and _is_int(size) and size >= 1 and size % patch:
     p.add('model.image_encoder.patch_size', patch, f'the ViT patchifies the {size}x{size} pixel image '
@@ -507,7 +513,7 @@ def _training(p: _Checker) -> None:
   p.integer('max_nonfinite_steps', 1)
   p.real('modality_dropout', 0, 1, why='probability that one of two condition sources is dropped')
 
-  for w in ('adv', 'sem', 'div', 'align', 'caption', 'denoise', 'mismatch', 'r1_gamma'):
+  for w in ('adv', 'sem', 'sem_caption', 'div', 'align', 'caption', 'denoise', 'mismatch', 'r1_gamma'):
     p.real(f'loss.{w}', 0, why='a loss weight; 0 switches the term off')
   p.flag('loss.adaptive')
   p.real('loss.adaptive_max', 0, lo_open=True)

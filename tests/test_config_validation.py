@@ -92,6 +92,11 @@ BAD = [
     ({'modality_dropout': 1.5}, 1, 'config.modality_dropout', '[0, 1]'),
     ({'total_steps': 0}, 1, 'config.total_steps', 'an integer >= 1'),
     ({'gan_start': 6}, 1, 'config.gan_start', 'an integer in [0, 5]'),  # the smoke config trains 6 steps
+    ({'model.image_encoder.stem': 'resnet'}, 1, 'config.model.image_encoder.stem', "one of ('patch', 'conv')"),
+    ({'model.image_encoder.stem': 'conv', 'model.image_encoder.patch_size': 6}, 1,
+     'config.model.image_encoder.stem', 'not a power of 2'),
+    ({'loss.sem_caption': 1.0, 'model.modalities': ('image', 'audio')}, 1, 'config.loss.sem_caption',
+     'allowed here: 0'),
     ({'log_every': 0}, 1, 'config.log_every', 'an integer >= 1'),
     ({'checkpoint_every': -3}, 1, 'config.checkpoint_every', 'an integer >= 1'),
     ({'data.max_text_len': 1}, 1, 'config.data.max_text_len', 'an integer >= 2'),

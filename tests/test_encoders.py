@@ -28,7 +28,8 @@ def _text_inputs(b=2, length=10):
 
 
 def _model(modality, dtype=jnp.float32):
-  cls, cfg = {'text': (TextEncoder, TEXT), 'image': (ImageEncoder, IMAGE), 'audio': (AudioEncoder, AUDIO)}[modality]
+  cls, cfg = {'text': (TextEncoder, TEXT), 'image': (ImageEncoder, IMAGE), 'audio': (AudioEncoder, AUDIO),
+              'image_conv_stem': (ImageEncoder, dict(IMAGE, stem='conv'))}[modality]
   return cls(**cfg, dtype=dtype)
 
 
@@ -39,6 +40,7 @@ def _make(modality):
   args = {
       'text': _text_inputs,
       'image': lambda: (jax.random.normal(rng, (2, 16, 16, 3)),),
+      'image_conv_stem': lambda: (jax.random.normal(rng, (2, 16, 16, 3)),),
       'audio': lambda: (0.1 * jax.random.normal(rng, (2, 4000)),),
   }[modality]()
   model = _model(modality)
@@ -123,12 +125,12 @@ def test_mel_filters_configurable():
 # ---------------------------------------------------------------- encoders
 
 
-@pytest.mark.parametrize('modality', ['text', 'image', 'audio'])
+@pytest.mark.parametrize('modality', ['text', 'image', 'image_conv_stem', 'audio'])
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_encoder_shapes_and_dtypes(modality, dtype):
   _, params, args = _make(modality)  # compute dtype does not change the param tree
   tokens, mask = jax.jit(_model(modality, dtype).apply)(params, *args)
-  expected_n = {'text': 10, 'image': 16, 'audio': -(-(1 + 4000 // 160) // 4)}[modality]
+  expected_n = {'text': 10, 'image': 16, 'image_conv_stem': 16, 'audio': -(-(1 + 4000 // 160) // 4)}[modality]
   assert tokens.shape == (2, expected_n, 32) and tokens.dtype == dtype
   assert mask.shape == (2, expected_n) and mask.dtype == jnp.bool_
   assert np.all(np.isfinite(np.asarray(tokens, np.float32)))
@@ -149,7 +151,7 @@ def test_kernels_have_allowed_logical_names(modality):
     assert len(box.names) == box.value.ndim and set(box.names) <= ALLOWED_NAMES
 
 
-@pytest.mark.parametrize('modality', ['text', 'image', 'audio'])
+@pytest.mark.parametrize('modality', ['text', 'image', 'image_conv_stem', 'audio'])
 def test_gradients_reach_every_parameter(modality):
   model, params, args = _make(modality)
   params = nn.unbox(params)

@@ -5,6 +5,8 @@ Anchors:
   learned token and position embeddings, bidirectional attention with a key-padding mask.
 - ImageEncoder: ViT (Dosovitskiy et al. 2021) as in big_vision: non-overlapping patches by a strided conv,
   position embedding, pre-LN blocks, final LayerNorm; no class token (the caller pools with `masked_mean`).
+  stem='conv': the patchify conv replaced by stride-2 3x3 convs and a 1x1 projection (Xiao et al. 2021, "Early
+  convolutions help transformers see better"), which learns small shapes far faster on little data.
 - AudioEncoder: the log-mel + strided-conv + transformer stem of Whisper's encoder (Radford et al. 2022) /
   AST-style audio transformers: log-mel, per-utterance normalisation, two GELU Conv1D (total stride
   `downsample`), sinusoidal positions, pre-LN blocks, final LayerNorm.
@@ -99,6 +101,8 @@ class ImageEncoder(nn.Module):
   """ViT over (B, H, W, C) images; H and W must be divisible by `patch_size`.
 
   Attributes:
+    stem: 'patch' (one patch_size x patch_size conv with stride patch_size, as ViT) or 'conv' (log2(patch_size)
+      3x3 stride-2 convs, GELU, channels doubling up to `width`, then a 1x1 conv; patch_size a power of 2).
     posemb: 'learn' (a learned (gh, gw) grid fixed at init, bilinearly resized when applied at another
       size) or 'sincos2d' (fixed, parameter-free, any size).
   """
@@ -110,6 +114,7 @@ class ImageEncoder(nn.Module):
   mlp_ratio: int = 4
   dropout_rate: float = 0.0
   posemb: str = 'learn'
+  stem: str = 'patch'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -119,12 +124,23 @@ class ImageEncoder(nn.Module):
     p = self.patch_size
     if h % p or w % p:
       raise ValueError(f'image size {(h, w)} is not divisible by patch_size={p}.')
-    x = partitioning.batch_only(nn.Conv(
-        self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, param_dtype=self.param_dtype,
+    conv = lambda features, size, stride, name: nn.Conv(
+        features, (size, size), strides=(stride, stride), padding='VALID' if size == stride else 'SAME',
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                 (None, None, 'conv_in', 'conv_out')),
-        name='patch_embed',
-    )(images.astype(self.dtype)))
+                                                 (None, None, 'conv_in', 'conv_out')))
+    x = images.astype(self.dtype)
+    if self.stem == 'patch':
+      x = partitioning.batch_only(conv(self.width, p, p, 'patch_embed')(x))
+    elif self.stem == 'conv':
+      n = p.bit_length() - 1
+      if p != 1 << n:
+        raise ValueError(f"stem='conv' needs a power-of-2 patch_size, got {p}.")
+      for i in range(n):
+        x = partitioning.batch_only(nn.gelu(conv(max(self.width >> (n - i), 8), 3, 2, f'stem_{i}')(x)))
+      x = partitioning.batch_only(conv(self.width, 1, 1, 'patch_embed')(x))
+    else:
+      raise ValueError(f"unknown stem {self.stem!r}; use 'patch' or 'conv'.")
     gh, gw = x.shape[1], x.shape[2]
     x = x.reshape(b, gh * gw, self.width)
     if self.posemb == 'learn':

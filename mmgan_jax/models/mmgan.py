@@ -113,7 +113,8 @@ def build_model(cfg, *, image_size: int, vocab_size: int, max_text_len: int, sam
   if 'image' not in enc:
     i = cfg.image_encoder
     enc['image'] = encoders.ImageEncoder(patch_size=i.patch_size, width=i.width, depth=i.depth,
-                                         num_heads=i.num_heads, posemb='sincos2d', name='image_encoder', **kw)
+                                         num_heads=i.num_heads, posemb='sincos2d', stem=i.stem,
+                                         name='image_encoder', **kw)
   if 'audio' in modalities and 'audio' not in enc:
     a = cfg.audio_encoder
     enc['audio'] = encoders.AudioEncoder(width=a.width, depth=a.depth, num_heads=a.num_heads, n_mels=a.n_mels,
@@ -282,11 +283,27 @@ def encode(model: Model, params: Mapping[str, Params], batch: Mapping[str, Array
 
 def image_embedding(model: Model, params: Mapping[str, Params], images: Array) -> Array:
   """Shared-latent vector s_image (B, E) of pixel images in [-1, 1] (used for G's semantic-consistency loss)."""
+  return image_semantics(model, params, images, caption=False)[0]
+
+
+def image_semantics(model: Model, params: Mapping[str, Params], images: Array, *, caption: bool
+                    ) -> tuple[Array, dict[str, Array] | None]:
+  """What the representation side reads from pixel images in [-1, 1], the image encoder run once.
+
+  Returns s_image (B, E) and, when `caption`, the captioning task's conditioning from the image alone
+  ({'tokens', 'mask', ...}, as `encode(...)['caption']` with only the image present), else None.
+  """
   module = model.encoders['image']
   tokens, mask = checkpointed(model, lambda p, x: module.apply({'params': p}, x))(params[module.name], images)
-  embed = lambda p, tok, msk: model.fusion.apply({'params': p}, 'image', tok, msk,
-                                                 method=fusion.ModalityFusion.embed)[1]
-  return checkpointed(model, embed)(params['fusion'], tokens, mask)
+  if not caption:
+    embed = lambda p, tok, msk: model.fusion.apply({'params': p}, 'image', tok, msk,
+                                                   method=fusion.ModalityFusion.embed)[1]
+    return checkpointed(model, embed)(params['fusion'], tokens, mask), None
+  present = {'caption': {'image': jnp.ones((images.shape[0],), bool)}}
+  fuse = lambda p, tok, msk: model.fusion.apply({'params': p}, {'image': (tok, msk)}, present,
+                                                {'caption': ('image',)})
+  out = checkpointed(model, fuse)(params['fusion'], tokens, mask)
+  return out['embed']['image'], out['caption']
 
 
 def to_latent(model: Model, codec_params: Params, latent_scale: Array, images: Array) -> Array:

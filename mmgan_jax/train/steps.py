@@ -16,7 +16,8 @@ G step, two gradient paths:
                   updates encoders, fusion, text decoder, refiner.
   generator:      x = G(z, c, T) for two z per condition (B/2 conditions); x~ = R(x) (K differentiable DDIM steps, R frozen here),
                   L_adv = softplus(-D(diffuse(x~, t), c)),
-                  L_sem = InfoNCE(image-encoder(x~), c)   (XMC-GAN; encoder frozen here),
+                  L_sem = InfoNCE(image-encoder(x~), c)   (XMC-GAN; encoder frozen here)
+                          [+ w_semcap CE(captioner(image-encoder(x~)), caption of c)   (MirrorGAN's STREAM)],
                   L_div = MSGAN 1 / (|x_1 - x_2| / |z_1 - z_2|),
                   grad = lambda * w_adv grad L_adv + grad(w_sem L_sem + w_div L_div),
                   lambda = |grad_last(semantic)| / |grad_last(adv)|  (VQGAN adaptive weight, last G layer).
@@ -117,10 +118,11 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   t_start = int(config.refine.t_start)
   num_ref_steps = int(config.refine.num_steps) if refiner_on else 0
   z_dim = model.generator.z_dim
-  semantic_on = lc.sem > 0 or lc.div > 0
+  captions_on = model.text_decoder is not None and lc.caption > 0
+  sem_caption_on = model.text_decoder is not None and lc.sem_caption > 0
+  semantic_on = lc.sem > 0 or lc.div > 0 or sem_caption_on
   adaptive_on = bool(lc.adaptive) and semantic_on and lc.adv > 0
   pairs = list(itertools.combinations(model.modalities, 2))
-  captions_on = model.text_decoder is not None and lc.caption > 0
   pad_id = model.pad_id
   accum = int(getattr(config.optim, 'grad_accum', 1))
 
@@ -239,6 +241,14 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       logits = mmgan.caption_logits(model, rep_params['text_decoder'], ids, enc['caption'])
       terms['caption/loss'] = text_decoder.caption_loss(logits, targets, mask, lc.label_smoothing)
       total = total + lc.caption * terms['caption/loss']
+    if sem_caption_on:
+      # G's caption-consistency term asks the captioner to read a sample ALONE: train it on real images alone
+      # too (the caption task above mostly also hears the audio, which names every attribute).
+      _, cap = mmgan.image_semantics(model, rep_params, batch['image'], caption=True)
+      ids, targets, mask = text_decoder.shift_for_teacher_forcing(batch['text_ids'], pad_id)
+      logits = mmgan.caption_logits(model, rep_params['text_decoder'], ids, cap)
+      terms['caption/image_only_loss'] = text_decoder.caption_loss(logits, targets, mask, lc.label_smoothing)
+      total = total + lc.sem_caption * terms['caption/image_only_loss']
     if refiner_on and lc.denoise > 0:
       cond = enc['generate']
       x0 = mmgan.to_latent(model, state.codec['params'], state.codec['scale'], batch['image'])
@@ -291,14 +301,25 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       return losses.g_nonsaturating_loss(logits)
 
     def sem_fn(xr):
-      if lc.sem <= 0:
-        return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+      zero = jnp.zeros((), jnp.float32)
+      if lc.sem <= 0 and not sem_caption_on:
+        return zero, (zero, zero)
       images = mmgan.to_image(model, frozen_codec, state.codec['scale'], xr)
-      s = mmgan.image_embedding(model, frozen, images)
-      scale = frozen['fusion']['logit_scale']
-      l1, a1 = losses.info_nce(s[:b], cond['cond'], scale)
-      l2, a2 = losses.info_nce(s[b:], cond['cond'], scale)
-      return lc.sem * 0.5 * (l1 + l2), 0.5 * (a1['accuracy'] + a2['accuracy'])
+      s, cap = mmgan.image_semantics(model, frozen, images, caption=sem_caption_on)
+      total, acc, cap_loss = zero, zero, zero
+      if lc.sem > 0:
+        scale = frozen['fusion']['logit_scale']
+        l1, a1 = losses.info_nce(s[:b], cond['cond'], scale)
+        l2, a2 = losses.info_nce(s[b:], cond['cond'], scale)
+        total, acc = lc.sem * 0.5 * (l1 + l2), 0.5 * (a1['accuracy'] + a2['accuracy'])
+      if sem_caption_on:
+        # The captioner, reading the sample alone, should write the caption it was generated from (every word:
+        # shape and size too, which in-batch InfoNCE negatives rarely isolate).
+        ids, targets, mask = _tile2(text_decoder.shift_for_teacher_forcing(batch['text_ids'][:b], pad_id))
+        logits = mmgan.caption_logits(model, frozen['text_decoder'], ids, cap)
+        cap_loss = text_decoder.caption_loss(logits, targets, mask, label_smoothing=0.0)
+        total = total + lc.sem_caption * cap_loss
+      return total, (acc, cap_loss)
 
     def div_fn(xx):
       if lc.div <= 0:
@@ -307,7 +328,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       return lc.div * l, jnp.mean(d)
 
     adv, ct_adv = jax.value_and_grad(adv_fn)(x_ref)
-    (sem, sem_acc), ct_sem = jax.value_and_grad(sem_fn, has_aux=True)(x_ref)
+    (sem, (sem_acc, sem_cap)), ct_sem = jax.value_and_grad(sem_fn, has_aux=True)(x_ref)
     (div, div_d), ct_div = jax.value_and_grad(div_fn, has_aux=True)(x)
     # Pull both cotangents back through R. The adaptive weight needs each loss's gradient at G's last layer
     # only: a vjp w.r.t. that layer alone (its forward is the same computation as G's, which XLA shares) is
@@ -328,6 +349,8 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
 
     grads = dict(rep_grads, generator=gen_grads)
     metrics = dict(terms)
+    if sem_caption_on:
+      metrics['g/sem_caption_loss'] = sem_cap
     metrics.update({'g/adv_loss': adv, 'g/sem_loss': sem, 'g/sem_acc': sem_acc, 'g/div_loss': div,
                     'g/div_distance': div_d, 'g/lambda_adv': lam, 'g/total': lc.adv * lam * adv + sem + div,
                     'rep/total': rep_loss})

@@ -6,7 +6,8 @@ Anchors:
 - ImageEncoder: ViT (Dosovitskiy et al. 2021) as in big_vision: non-overlapping patches by a strided conv,
   position embedding, pre-LN blocks, final LayerNorm; no class token (the caller pools with `masked_mean`).
   stem='conv': the patchify conv replaced by stride-2 3x3 convs and a 1x1 projection (Xiao et al. 2021, "Early
-  convolutions help transformers see better"), which learns small shapes far faster on little data.
+  convolutions help transformers see better"); it read the shapes of real images faster in a supervised probe
+  (73.6 vs 66.2 % after 800 steps, docs/training.md).
 - AudioEncoder: the log-mel + strided-conv + transformer stem of Whisper's encoder (Radford et al. 2022) /
   AST-style audio transformers: log-mel, per-utterance normalisation, two GELU Conv1D (total stride
   `downsample`), sinusoidal positions, pre-LN blocks, final LayerNorm.

@@ -139,7 +139,7 @@ def test_encoder_shapes_and_dtypes(modality, dtype):
     assert bool(jnp.all(mask))
 
 
-@pytest.mark.parametrize('modality', ['text', 'image', 'audio'])
+@pytest.mark.parametrize('modality', ['text', 'image', 'image_conv_stem', 'audio'])
 def test_kernels_have_allowed_logical_names(modality):
   _, params, _ = _make(modality)
   boxes = [l for l in jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nn.Partitioned))

@@ -265,9 +265,15 @@ def _encoder_inputs(modality: str, batch: Mapping[str, Array]) -> tuple[Array, .
 
 def encode(model: Model, params: Mapping[str, Params], batch: Mapping[str, Array],
            present: Mapping[str, Mapping[str, Array]], *, deterministic: bool = True,
-           rngs: Mapping[str, Array] | None = None) -> dict[str, Any]:
-  """Encoders + shared-latent stage for every enabled modality; see `ModalityFusion.__call__` for the output."""
+           rngs: Mapping[str, Array] | None = None,
+           tasks: Mapping[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
+  """Encoders + shared-latent stage for every enabled modality; see `ModalityFusion.__call__` for the output.
+
+  `tasks` (default `model.tasks`) may add fusions of the same encoder outputs, e.g. {'image_caption': ('image',)}
+  for captioning from the image alone; `present` then has an entry per task.
+  """
   rngs = dict(rngs or {})
+  tasks = model.tasks if tasks is None else tasks
   feats = {}
   for m, module in model.encoders.items():
     p = params[module.name]
@@ -276,7 +282,7 @@ def encode(model: Model, params: Mapping[str, Params], batch: Mapping[str, Array
     apply = lambda p, inputs, r, module=module: module.apply({'params': p}, *inputs, deterministic=deterministic,
                                                               rngs=r)
     feats[m] = checkpointed(model, apply)(p, _encoder_inputs(m, batch), rngs)
-  fuse = lambda p, f, pr, r: model.fusion.apply({'params': p}, f, pr, model.tasks, deterministic=deterministic,
+  fuse = lambda p, f, pr, r: model.fusion.apply({'params': p}, f, pr, tasks, deterministic=deterministic,
                                                 rngs=r)
   return checkpointed(model, fuse)(params['fusion'], feats, present, rngs)
 

@@ -224,7 +224,13 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   # Generator side.
 
   def rep_loss_fn(rep_params, state, batch, present, ks):
-    enc = mmgan.encode(model, rep_params, batch, present)
+    tasks = model.tasks
+    if sem_caption_on:
+      # G's caption-consistency term asks the captioner to read a sample ALONE: train it on real images alone
+      # too (the caption task mostly also hears the audio, which names every attribute). Same encoder outputs.
+      tasks = dict(tasks, image_caption=('image',))
+      present = dict(present, image_caption={'image': jnp.ones((batch['image'].shape[0],), bool)})
+    enc = mmgan.encode(model, rep_params, batch, present, tasks=tasks)
     scale = enc['logit_scale']
     terms = {}
     total = 0.0
@@ -236,19 +242,16 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
         vals.append(l)
       terms['align/loss'] = sum(vals) / len(vals)
       total = total + lc.align * terms['align/loss']
-    if captions_on:
+    if captions_on or sem_caption_on:
       ids, targets, mask = text_decoder.shift_for_teacher_forcing(batch['text_ids'], pad_id)
-      logits = mmgan.caption_logits(model, rep_params['text_decoder'], ids, enc['caption'])
-      terms['caption/loss'] = text_decoder.caption_loss(logits, targets, mask, lc.label_smoothing)
-      total = total + lc.caption * terms['caption/loss']
-    if sem_caption_on:
-      # G's caption-consistency term asks the captioner to read a sample ALONE: train it on real images alone
-      # too (the caption task above mostly also hears the audio, which names every attribute).
-      _, cap = mmgan.image_semantics(model, rep_params, batch['image'], caption=True)
-      ids, targets, mask = text_decoder.shift_for_teacher_forcing(batch['text_ids'], pad_id)
-      logits = mmgan.caption_logits(model, rep_params['text_decoder'], ids, cap)
-      terms['caption/image_only_loss'] = text_decoder.caption_loss(logits, targets, mask, lc.label_smoothing)
-      total = total + lc.sem_caption * terms['caption/image_only_loss']
+      caption_loss = lambda cond: text_decoder.caption_loss(
+          mmgan.caption_logits(model, rep_params['text_decoder'], ids, cond), targets, mask, lc.label_smoothing)
+      if captions_on:
+        terms['caption/loss'] = caption_loss(enc['caption'])
+        total = total + lc.caption * terms['caption/loss']
+      if sem_caption_on:
+        terms['caption/image_only_loss'] = caption_loss(enc['image_caption'])
+        total = total + lc.sem_caption * terms['caption/image_only_loss']
     if refiner_on and lc.denoise > 0:
       cond = enc['generate']
       x0 = mmgan.to_latent(model, state.codec['params'], state.codec['scale'], batch['image'])

@@ -14,6 +14,12 @@ separately from the conditioning path (docs/training.md, "What made the generato
 trains D's features and a linear head per attribute on real images instead, and prints held-out accuracy: can
 D see shape at all (docs/training.md, "Why D could not see shapes"). --classify_net=vit_patch|vit_conv asks the
 same of the image encoder behind the semantic losses (docs/training.md, "The captioner as G's shape teacher").
+
+  python launch/probe_core_gan.py --steps=2400 --every=400 --cond_from=runs/shapes [--cond_whiten]
+
+conditions G and D on a trained run's frozen text conditions instead of the labels (optionally whitened as
+model.whiten_condition does): how much the learned condition itself slows the core (docs/training.md,
+"Whitening the condition").
 """
 
 import os
@@ -51,6 +57,14 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the initialisation and the batc
 _EVERY = flags.DEFINE_integer('every', 200, 'Evaluate every this many steps.')
 _TRAIN = flags.DEFINE_integer('num_train', 20_000, 'Training examples rendered up front.')
 _OUT = flags.DEFINE_string('out', 'core_probe.png', 'Where the final sample grid goes.')
+_COND_FROM = flags.DEFINE_string('cond_from', '', "A trained run's workdir: condition G and D on that run's FROZEN "
+                                 "text condition vector s (text encoder + fusion, text only) of one caption per "
+                                 "example instead of the one-hot labels. Tells the learned condition's share of "
+                                 "the gap between the core and the full model.")
+_STATS = flags.DEFINE_bool('cond_stats', False, "With --cond_from: print each attribute's share of the "
+                           "conditions' variance (between-class over total) and exit.")
+_WHITEN = flags.DEFINE_bool('cond_whiten', False, 'With --cond_from: ZCA-whiten the conditions as '
+                            'model.whiten_condition does (here with the training set\'s statistics).')
 
 R1_INTERVAL = 16
 
@@ -83,10 +97,24 @@ def main(argv):
   images = np.stack([e['image'] for e in train]).astype(np.float32) / 127.5 - 1.0
   labels = np.stack([e['attributes'] for e in train])
   held_out = np.stack([shapes.make_example(spec, 0, 'test', i)['attributes'] for i in range(256)])
-  cond_dim = sum(shapes.NUM_CLASSES)
+  cond_dim = n_attr = sum(shapes.NUM_CLASSES)
 
   def one_hot(attrs):
     return jnp.concatenate([jax.nn.one_hot(attrs[:, i], k) for i, k in enumerate(shapes.NUM_CLASSES)], -1)
+
+  if _COND_FROM.value:  # the trained run's frozen conditions, looked up by example index
+    rng_cap = np.random.default_rng(_SEED.value + 1)
+    train_s = learned_conditions(_COND_FROM.value, [e['captions'][rng_cap.integers(len(e['captions']))]
+                                                    for e in train])
+    held_s = learned_conditions(_COND_FROM.value, [shapes.make_example(spec, 0, 'test', i)['captions'][0]
+                                                   for i in range(256)])
+    cond_dim = train_s.shape[-1]
+    if _STATS.value:
+      return print_condition_stats(train_s, labels)
+    if _WHITEN.value:
+      from mmgan_jax.models import mmgan  # pylint: disable=g-import-not-at-top
+      mu, cov = train_s.mean(0), np.cov(train_s, rowvar=False)
+      train_s, held_s = (np.asarray(mmgan.whiten(x, mu, cov)) for x in (train_s, held_s))
 
   g = shapes_config.get_config().model.generator
   gen = Generator(out_channels=3, resolution=32, cond_dim=cond_dim, channels=tuple(g.channels), z_dim=g.z_dim,
@@ -99,8 +127,8 @@ def main(argv):
   gp = gen.init({'params': key, 'noise': key}, jnp.zeros((b, z_dim)), jnp.zeros((b, cond_dim)))['params']
   dp = disc.init(jax.random.fold_in(key, 1), jnp.zeros((b, 32, 32, 3)), None, jnp.zeros((b, cond_dim)))['params']
   feat_dim = int(_D_CHANNELS.value[-1])
-  dp = {'disc': dp, 'head': {'w': jax.random.normal(jax.random.fold_in(key, 2), (feat_dim, cond_dim)) / feat_dim ** 0.5,
-                             'b': jnp.zeros((cond_dim,))}}
+  dp = {'disc': dp, 'head': {'w': jax.random.normal(jax.random.fold_in(key, 2), (feat_dim, n_attr)) / feat_dim ** 0.5,
+                             'b': jnp.zeros((n_attr,))}}
 
   def disc_apply(dp, y, s):
     return disc.apply({'params': dp['disc']}, y, None, s)
@@ -115,8 +143,8 @@ def main(argv):
     enc = ImageEncoder(patch_size=i.patch_size, width=i.width, depth=i.depth, num_heads=i.num_heads,
                        posemb='sincos2d', stem=_NET.value[len('vit_'):])
     dp = {'disc': flax.linen.unbox(enc.init(key, jnp.zeros((1, 32, 32, 3)))['params']),
-          'head': {'w': jax.random.normal(jax.random.fold_in(key, 2), (i.width, cond_dim)) / i.width ** 0.5,
-                   'b': jnp.zeros((cond_dim,))}}
+          'head': {'w': jax.random.normal(jax.random.fold_in(key, 2), (i.width, n_attr)) / i.width ** 0.5,
+                   'b': jnp.zeros((n_attr,))}}
     disc_apply = lambda dp, y, s: (None, {'features': enc.apply({'params': dp['disc']}, y)[0].mean(1)})
   tx = optax.adam(_LR.value, b1=0.0, b2=0.99)
   tx_d = optax.adam(_D_LR.value or _LR.value, b1=0.0, b2=0.99)
@@ -187,12 +215,17 @@ def main(argv):
       wrong = np.roll(attrs, 1, axis=0)
     k = jax.random.fold_in(key, step)
     x, c, a = jnp.asarray(images[idx]), one_hot(attrs), jnp.asarray(attrs)
-    dp, opt_d, aux = d_step(gp, dp, opt_d, x, c, one_hot(wrong), a, jax.random.fold_in(k, 0),
+    c_wrong = one_hot(wrong)
+    if _COND_FROM.value:
+      c = jnp.asarray(train_s[idx])
+      c_wrong = jnp.roll(c, 1, axis=0)
+    dp, opt_d, aux = d_step(gp, dp, opt_d, x, c, c_wrong, a, jax.random.fold_in(k, 0),
                             step % R1_INTERVAL == 0)
     beta = losses.ema_decay(step * b, half_life_images=5_000, rampup=0.05, batch_size=b)
     gp, opt_g, ema = g_step(gp, dp, opt_g, ema, x, c, a, jax.random.fold_in(k, 1), beta)
     if step % _EVERY.value == 0 or step == _STEPS.value:
-      out = np.asarray(sample(ema, one_hot(held_out), jax.random.PRNGKey(7)))
+      held_c = jnp.asarray(held_s) if _COND_FROM.value else one_hot(held_out)
+      out = np.asarray(sample(ema, held_c, jax.random.PRNGKey(7)))
       acc = semantic_accuracy(out, held_out)
       print(f'step {step}  {time.time() - t0:.0f} s  D(real) {float(aux["real_logit_mean"]):+.2f}  '
             f'D(fake) {float(aux["fake_logit_mean"]):+.2f}  '
@@ -205,6 +238,40 @@ def main(argv):
   print(confusion)
   np.savez(_OUT.value + '.npz', samples=out, labels=held_out, pred=pred)
   print('wrote', save_png(out[:48], _OUT.value, columns=8))
+
+
+def learned_conditions(workdir, captions, step=None):
+  """The condition vectors s (N, E) a trained run's text encoder and fusion give `captions` (text alone)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mmgan_jax.models import mmgan  # pylint: disable=g-import-not-at-top
+  from mmgan_jax.sampling import Sampler  # pylint: disable=g-import-not-at-top
+  sampler = Sampler.from_workdir(workdir, step=step)
+  model, params = sampler.model, sampler.setup.state.params
+
+  @jax.jit
+  def encode(batch):
+    n = batch['text_ids'].shape[0]
+    present = {task: {m: jnp.full((n,), m == 'text') for m in srcs} for task, srcs in model.tasks.items()}
+    return mmgan.encode(model, params, batch, present)['generate']['cond']
+
+  out = [np.asarray(encode(sampler._batch(len(captions[i:i + 256]), text=captions[i:i + 256])))  # pylint: disable=protected-access
+         for i in range(0, len(captions), 256)]
+  return np.concatenate(out)
+
+
+def print_condition_stats(s, labels):
+  """Per attribute, the variance of its class means over the conditions' total variance (one-hot: ~equal)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mmgan_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  centred = s - s.mean(0)
+  total = np.mean(np.sum(centred ** 2, axis=1))
+  print(f'{len(s)} conditions, mean norm {np.linalg.norm(s, axis=1).mean():.3f}, total variance {total:.3f}')
+  for i, name in enumerate(shapes.ATTRIBUTE_NAMES):
+    between = sum(np.mean(labels[:, i] == k) * np.sum(centred[labels[:, i] == k].mean(0) ** 2)
+                  for k in np.unique(labels[:, i]))
+    print(f'{name}: {between / total:.3f} of the variance')
 
 
 def classify(dp, opt_d, tx_d, disc_apply, aux_ce, images, labels, spec, b):

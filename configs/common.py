@@ -96,6 +96,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.remat = 'none'  # rematerialisation: 'none' | 'blocks' (keep residual-block outputs) | 'full' (per component)
   m.width = 64  # shared token width D
   m.embed_dim = 64  # shared-latent vector size E
+  # G and D read the condition vector ZCA-whitened by its running statistics (models/mmgan.py, gan_condition).
+  m.whiten_condition = False
   # Encoders: ours (type='own': the size fields) or a transformers Flax model; see encoder_fields().
   m.text_encoder = dict(width=64, depth=2, num_heads=4, **encoder_fields())
   m.image_encoder = dict(patch_size=4, width=64, depth=2, num_heads=4, stem='patch', **encoder_fields())

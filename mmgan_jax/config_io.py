@@ -20,7 +20,8 @@ FILENAME = 'config.json'
 # trained; `load` fills them into an older config.json (and nothing else: any other missing field is an error
 # of the config checks).
 ADDED_FIELDS = {'gan_start': 0, 'model.image_encoder.stem': 'patch',
-                'loss.sem_caption': 0.0}
+                'loss.sem_caption': 0.0,
+                'model.whiten_condition': False}
 
 
 def path(workdir: str) -> str:

@@ -289,6 +289,7 @@ def _model(p: _Checker, modalities: tuple[str, ...] | None, latent: int | None) 
   p.choice('model.remat', mmgan.REMAT, why="'blocks' keeps residual-block outputs, 'full' only component inputs")
   p.integer('model.width', 1)
   p.integer('model.embed_dim', 1)
+  p.flag('model.whiten_condition')
   mods = modalities or ()
   if 'text' in mods:
     _transformer(p, 'model.text_encoder')

@@ -56,6 +56,28 @@ def test_state_has_every_component_and_ema(smoke):
     assert leaf.dtype == jnp.float32
 
 
+def test_condition_whitening_statistics_and_transform(smoke):
+  """The running statistics converge to the data's mean and covariance; whitened conditions have identity
+  covariance; gan_condition changes only the vector, and only when model.whiten_condition is on."""
+  rng = np.random.default_rng(0)
+  e = 6
+  basis = np.linalg.qr(rng.normal(size=(e, e)))[0]
+  s = (rng.normal(size=(4096, e)) * np.array([1.0, 0.5, 0.2, 0.1, 0.05, 0.02])) @ basis.T + 0.3
+  stats = mmgan.condition_stats_init(e)
+  np.testing.assert_allclose(stats['cond_cov'], np.eye(e) / e)
+  update = jax.jit(mmgan.update_condition_stats)
+  for _ in range(1500):
+    stats = update(stats, s[rng.integers(0, len(s), 64)])
+  np.testing.assert_allclose(stats['cond_mean'], s.mean(0), atol=0.02)
+  np.testing.assert_allclose(stats['cond_cov'], np.cov(s, rowvar=False), atol=0.03, rtol=0.1)
+  exact = mmgan.whiten(s, s.mean(0), np.cov(s, rowvar=False), eps=0.0)
+  np.testing.assert_allclose(np.cov(np.asarray(exact), rowvar=False), np.eye(e), atol=1e-3)
+  cond = {'cond': s[:4], 'tokens': np.ones((4, 3, 2)), 'mask': np.ones((4, 3), bool)}
+  model = dataclasses.replace(smoke.model, whiten_condition=True)
+  out = mmgan.gan_condition(model, stats, cond)
+  assert out['tokens'] is cond['tokens'] and not np.allclose(out['cond'], cond['cond'])
+  assert mmgan.gan_condition(dataclasses.replace(model, whiten_condition=False), stats, cond)['cond'] is cond['cond']
+
 def test_gradients_reach_every_component(smoke):
   """Every trainable leaf gets a nonzero gradient from the losses meant to reach it."""
   state = smoke.state

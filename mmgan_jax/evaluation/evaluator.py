@@ -362,14 +362,15 @@ class Evaluator:
     steps = int(r.num_steps) if model.refiner is not None else 0
     prediction = config.model.refiner.prediction
 
-    def sample(params, codec, batch, present, key):
+    def sample(params, codec, adaptive, batch, present, key):
       k_z, k_ref, k_noise = jax.random.split(key, 3)
       cond = mmgan.encode(model, params, batch, present)['generate']
       b = batch['image'].shape[0]
       z = jax.random.normal(k_z, (b, model.generator.z_dim), jnp.float32)
       # The per-pixel noise G was trained with (StyleGAN2 samples it at generation too); without it the
       # feature statistics G learned shift.
-      x = mmgan.generate(model, params['generator'], z, cond, noise_key=k_noise)
+      x = mmgan.generate(model, params['generator'], z, mmgan.gan_condition(model, adaptive, cond),
+                         noise_key=k_noise)
       xr = mmgan.refine(model, params.get('refiner'), x, cond, k_ref, t_start=int(r.t_start), num_steps=steps,
                         prediction=prediction, guidance=float(r.guidance))
       to_img = lambda v: jnp.clip(mmgan.to_image(model, codec['params'], codec['scale'], v), -1.0, 1.0)
@@ -405,8 +406,8 @@ class Evaluator:
     n = len(batch['image'])
     size = max(n, self.batch_size)
     present = mmgan.only_present(self.model, size, sources)
-    pre, post = self._sample(eval_params(state), state.codec, _pad(self._inputs(batch), size), present,
-                             self.key if key is None else key)
+    pre, post = self._sample(eval_params(state), state.codec, state.adaptive, _pad(self._inputs(batch), size),
+                             present, self.key if key is None else key)
     pre, post = fetch((pre, post))
     return pre[:n], post[:n]
 

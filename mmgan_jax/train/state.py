@@ -7,7 +7,8 @@
     ema         {'generator', 'refiner'}: exponential moving averages used for evaluation and sampling
     opt_g       optax state of the generator-side optimiser (G + encoders + fusion + decoder + refiner)
     opt_d       optax state of the discriminator's optimiser
-    adaptive    float32 scalars: t_max (Diffusion-GAN), lambda_adv (VQGAN), r_d, images_seen, nonfinite
+    adaptive    float32 scalars: t_max (Diffusion-GAN), lambda_adv (VQGAN), r_d, images_seen, nonfinite; with
+                model.whiten_condition also cond_mean (E,) and cond_cov (E, E), the condition's running statistics
     codec       {'params', 'scale'}: the frozen latent codec and its latent scale (LDM)
 
 Optimisers (optax): G and D use Adam(beta1=0, beta2=0.99) as StyleGAN2; the representation side (encoders,
@@ -158,6 +159,8 @@ def init_state(model: mmgan.Model, config, key: jax.Array, batch: dict[str, jax.
       images_seen=jnp.zeros((), jnp.float32),
       nonfinite=jnp.zeros((), jnp.float32),
   )
+  if model.whiten_condition:  # the running statistics G and D whiten their condition with
+    adaptive.update(mmgan.condition_stats_init(model.generator.cond_dim))
   return TrainState(
       step=jnp.zeros((), jnp.int32), rng=k_rng, params=params,
       ema=jax.tree.map(jnp.copy, ema),

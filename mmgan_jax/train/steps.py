@@ -162,10 +162,10 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     enc = mmgan.encode(model, state.params, batch, present)
     return jax.lax.stop_gradient(enc['generate'])
 
-  def fakes(state, cond, k_z, k_noise, k_ref):
+  def fakes(state, cond, gan_cond, k_z, k_noise, k_ref):
     b = cond['cond'].shape[0]
     z = jax.random.normal(k_z, (b, z_dim), jnp.float32)
-    x = mmgan.generate(model, state.params['generator'], z, cond, noise_key=k_noise)
+    x = mmgan.generate(model, state.params['generator'], z, gan_cond, noise_key=k_noise)
     return mmgan.refine(model, state.params.get('refiner'), x, cond, k_ref, t_start=t_start,
                         num_steps=num_ref_steps, prediction=prediction)
 
@@ -178,12 +178,16 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     b = batch['image'].shape[0]
     present = sample_presence(model, ks[0], b, config.modality_dropout)
     cond = conditions(state, batch, present)
+    stats = {}
+    if model.whiten_condition:  # this step's conditions join the running statistics before they are used
+      stats = mmgan.update_condition_stats(state.adaptive, cond['cond'])
+    gan_cond = mmgan.gan_condition(model, {**state.adaptive, **stats}, cond)
     x_real = mmgan.to_latent(model, state.codec['params'], state.codec['scale'], batch['image'])
-    x_fake = jax.lax.stop_gradient(fakes(state, cond, ks[1], ks[2], ks[3]))
+    x_fake = jax.lax.stop_gradient(fakes(state, cond, gan_cond, ks[1], ks[2], ks[3]))
     t_max = state.adaptive['t_max']
     t_real, t_fake = sample_t(ks[4], b, t_max), sample_t(ks[5], b, t_max)
     y_real, y_fake = diffuse(ks[6], x_real, t_real), diffuse(ks[7], x_fake, t_fake)
-    c = cond['cond']
+    c = gan_cond['cond']
     c_mismatch = jnp.roll(c, 1, axis=0)
 
     def loss_fn(dp):
@@ -199,10 +203,10 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       return loss, aux
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params['discriminator'])
-    return grads, loss, aux
+    return grads, loss, (aux, stats)
 
   def d_step_impl(state: TrainState, batch: Batch, with_r1: bool):
-    grads, loss, aux = accumulate(lambda s, b, i: d_compute(s, b, with_r1, i), state, batch)
+    grads, loss, (aux, stats) = accumulate(lambda s, b, i: d_compute(s, b, with_r1, i), state, batch)
     t_max = state.adaptive['t_max']
     updates, opt_d = tx_d.update(grads, state.opt_d, state.params['discriminator'])
     params = dict(state.params, discriminator=optax.apply_updates(state.params['discriminator'], updates))
@@ -211,7 +215,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     if noise_aware and dg.adaptive:
       t_new = losses.update_t_max(t_max, r_d, target=dg.target, step=dg.step_size, t_lo=dg.t_lo, t_hi=dg.t_hi)
     new = state.replace(params=params, opt_d=opt_d,
-                        adaptive={**state.adaptive, 't_max': t_new, 'r_d': r_d})
+                        adaptive={**state.adaptive, **stats, 't_max': t_new, 'r_d': r_d})
     grad_norm = optax.global_norm(grads)
     ok = losses.all_finite((loss, grad_norm))
     new = _guard(ok, new, state)
@@ -290,8 +294,9 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     b = max(1, b // 2)
     cond = jax.tree.map(lambda v: v[:b], cond)
     cond2 = _tile2(cond)
+    gan_cond2 = mmgan.gan_condition(model, state.adaptive, cond2)  # what G and D read (whitened or s itself)
     z = jax.random.normal(ks[4], (2 * b, z_dim), jnp.float32)
-    x, vjp_g = jax.vjp(lambda gp: mmgan.generate(model, gp, z, cond2, noise_key=ks[5]),
+    x, vjp_g = jax.vjp(lambda gp: mmgan.generate(model, gp, z, gan_cond2, noise_key=ks[5]),
                        state.params['generator'])
     x_ref, vjp_r = jax.vjp(
         lambda xx: mmgan.refine(model, frozen.get('refiner'), xx, cond2, ks[6], t_start=t_start,
@@ -300,7 +305,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     noise_key = ks[8]
 
     def adv_fn(xr):
-      logits = mmgan.discriminate(model, frozen['discriminator'], diffuse(noise_key, xr, t), t, cond2['cond'])
+      logits = mmgan.discriminate(model, frozen['discriminator'], diffuse(noise_key, xr, t), t, gan_cond2['cond'])
       return losses.g_nonsaturating_loss(logits)
 
     def sem_fn(xr):
@@ -342,7 +347,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       gen_params = state.params['generator']
 
       def g_last(last):
-        return mmgan.generate(model, with_last_layer(gen_params, last), z, cond2, noise_key=ks[5])
+        return mmgan.generate(model, with_last_layer(gen_params, last), z, gan_cond2, noise_key=ks[5])
 
       _, vjp_last = jax.vjp(g_last, last_layer_params(gen_params))
       lam = losses.adaptive_weight(vjp_last(ct_x_sem)[0], vjp_last(ct_x_adv)[0], max_weight=lc.adaptive_max)

@@ -61,6 +61,8 @@ _COND_FROM = flags.DEFINE_string('cond_from', '', "A trained run's workdir: cond
                                  "text condition vector s (text encoder + fusion, text only) of one caption per "
                                  "example instead of the one-hot labels. Tells the learned condition's share of "
                                  "the gap between the core and the full model.")
+_SEM = flags.DEFINE_float('sem', 0.0, "With --cond_from: weight of the full model's semantic loss on G, InfoNCE "
+                          "between that run's frozen image encoder reading G's samples and the (unwhitened) s.")
 _STATS = flags.DEFINE_bool('cond_stats', False, "With --cond_from: print each attribute's share of the "
                            "conditions' variance (between-class over total) and exit.")
 _WHITEN = flags.DEFINE_bool('cond_whiten', False, 'With --cond_from: ZCA-whiten the conditions as '
@@ -104,11 +106,13 @@ def main(argv):
 
   if _COND_FROM.value:  # the trained run's frozen conditions, looked up by example index
     rng_cap = np.random.default_rng(_SEED.value + 1)
+    run_model, run_params = load_run(_COND_FROM.value)
     train_s = learned_conditions(_COND_FROM.value, [e['captions'][rng_cap.integers(len(e['captions']))]
                                                     for e in train])
     held_s = learned_conditions(_COND_FROM.value, [shapes.make_example(spec, 0, 'test', i)['captions'][0]
                                                    for i in range(256)])
     cond_dim = train_s.shape[-1]
+    raw_train_s = train_s
     if _STATS.value:
       return print_condition_stats(train_s, labels)
     if _WHITEN.value:
@@ -177,7 +181,7 @@ def main(argv):
     updates, opt_d = tx_d.update(grads, opt_d, dp)
     return optax.apply_updates(dp, updates), opt_d, aux
 
-  def g_step(gp, dp, opt_g, ema, x, c, attrs, k, beta):
+  def g_step(gp, dp, opt_g, ema, x, c, attrs, k, beta, s_raw):
     k_z, k_n = jax.random.split(k)
     z = jax.random.normal(k_z, (b, z_dim))
 
@@ -185,6 +189,10 @@ def main(argv):
       fake = generate(gp, z, c, k_n)
       logits, aux = disc_apply(dp, fake, c)
       loss = _ADV.value * losses.g_nonsaturating_loss(logits)
+      if _SEM.value:
+        from mmgan_jax.models import mmgan  # pylint: disable=g-import-not-at-top
+        s_img = mmgan.image_embedding(run_model, run_params, fake)
+        loss = loss + _SEM.value * losses.info_nce(s_img, s_raw, run_params['fusion']['logit_scale'])[0]
       if _AUX.value:
         loss = loss + _AUX.value * aux_ce(dp, aux['features'], attrs)
       if _RECON.value:
@@ -222,7 +230,8 @@ def main(argv):
     dp, opt_d, aux = d_step(gp, dp, opt_d, x, c, c_wrong, a, jax.random.fold_in(k, 0),
                             step % R1_INTERVAL == 0)
     beta = losses.ema_decay(step * b, half_life_images=5_000, rampup=0.05, batch_size=b)
-    gp, opt_g, ema = g_step(gp, dp, opt_g, ema, x, c, a, jax.random.fold_in(k, 1), beta)
+    s_raw = jnp.asarray(raw_train_s[idx]) if _COND_FROM.value else c
+    gp, opt_g, ema = g_step(gp, dp, opt_g, ema, x, c, a, jax.random.fold_in(k, 1), beta, s_raw)
     if step % _EVERY.value == 0 or step == _STEPS.value:
       held_c = jnp.asarray(held_s) if _COND_FROM.value else one_hot(held_out)
       out = np.asarray(sample(ema, held_c, jax.random.PRNGKey(7)))
@@ -240,15 +249,26 @@ def main(argv):
   print('wrote', save_png(out[:48], _OUT.value, columns=8))
 
 
+def load_run(workdir, step=None):
+  """(sampler, model, params) of a trained run's checkpoint, loaded once per (workdir, step)."""
+  from mmgan_jax.sampling import Sampler  # pylint: disable=g-import-not-at-top
+  if (workdir, step) not in _RUNS:
+    sampler = Sampler.from_workdir(workdir, step=step)
+    _RUNS[workdir, step] = sampler, sampler.model, sampler.setup.state.params
+  return _RUNS[workdir, step][1:]
+
+
+_RUNS = {}
+
+
 def learned_conditions(workdir, captions, step=None):
   """The condition vectors s (N, E) a trained run's text encoder and fusion give `captions` (text alone)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mmgan_jax.models import mmgan  # pylint: disable=g-import-not-at-top
-  from mmgan_jax.sampling import Sampler  # pylint: disable=g-import-not-at-top
-  sampler = Sampler.from_workdir(workdir, step=step)
-  model, params = sampler.model, sampler.setup.state.params
+  model, params = load_run(workdir, step)
+  sampler = _RUNS[workdir, step][0]
 
   @jax.jit
   def encode(batch):

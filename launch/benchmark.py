@@ -34,6 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mmgan_jax import cli  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:variant]).', lock_config=True)
 _OUT = flags.DEFINE_string('out', None, 'Write the figures here as JSON.')
 _BATCH = flags.DEFINE_integer('batch', 0, 'Global batch (0: config.data.global_batch).')
@@ -66,30 +68,13 @@ class UsageError(ValueError):
   """A flag value the benchmark cannot run with."""
 
 
-def _parse_flags(argv):
-  """absl's parser, but a bad flag or config file is one `error:` line and exit status 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f'error: {_one_line(e)}', file=sys.stderr)
-    sys.exit(2)
-
-
-def _one_line(e: Exception) -> str:
-  """The first line of an error and, for one that carries a traceback (a config file that raised), its last."""
-  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-  if not lines:
-    return type(e).__name__
-  return lines[0] if len(lines) == 1 else f'{lines[0]} {lines[-1]}'
-
-
 def _load_config():
   """The parsed config; a config file that could not be loaded is a UsageError (config_flags defers it)."""
   config = _CONFIG.value
   try:
     config.data  # pylint: disable=pointless-statement
   except OSError as e:
-    raise UsageError(f'--config: {_one_line(e)}') from None
+    raise UsageError(f'--config: {cli.one_line(e)}') from None
   return config
 
 
@@ -166,4 +151,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -15,6 +15,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `configs.*`
 
 from absl import app, flags  # noqa: E402
+
+from mmgan_jax import cli  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir whose config.json gives the data settings.')
@@ -46,4 +48,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

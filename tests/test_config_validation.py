@@ -234,3 +234,22 @@ def test_launcher_prints_the_field_and_exits_2(tmp_path):
   assert 'Traceback' not in proc.stderr
   assert 'config.data.global_batch=7' in proc.stderr and 'a multiple of 2' in proc.stderr
   print(f'launcher wall time {time.perf_counter() - t0:.1f} s')
+
+
+def test_config_override_typos_name_the_nearest_fields(tmp_path):
+  """A misspelt `--config.X` override: one `error:` line naming the nearest valid fields, exit status 2, and no
+  workdir left behind (ml_collections raises a KeyError with three chained tracebacks at flag parsing)."""
+  from mmgan_jax import cli  # pylint: disable=g-import-not-at-top
+  config = smoke()
+  argv = ['train.py', '--config=x.py', '--config.seed=1', '--config.total_step=3']
+  assert "'total_step'; nearest: total_steps." in cli.bad_override(argv, config)
+  assert 'model.generator.z_dim' in cli.bad_override(['--config.model.generator.z_dm=3'], config)
+  assert cli.bad_override(['--config.seed=1', '--config.model.generator.z_dim=8'], config) is None
+  workdir = tmp_path / 'run'
+  proc = subprocess.run([sys.executable, 'launch/train.py', '--config=configs/shapes.py:smoke',
+                         '--config.trian.steps=3', f'--workdir={workdir}'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith('error: --config.trian.steps') and 'total_steps' in lines[0], lines
+  assert not workdir.exists()

@@ -160,7 +160,10 @@ def get_config() -> ml_collections.ConfigDict:
       grad_accum=1,  # micro-batches per step (gradients averaged; activation memory of one micro-batch)
   ))
   c.ema = dict(half_life_images=5_000, rampup=0.05)
-  c.max_nonfinite_steps = 5  # consecutive skipped (NaN/Inf) steps before training stops with an error
+  c.max_nonfinite_steps = 5  # consecutive bad iterations (NaN/Inf; their updates skipped) before training stops
+  # Testing the fault handling: the batches of these iterations (1-based) are made NaN, e.g.
+  # --config.debug.nan_at_steps="(3,4,5,6,7)" stops a run at iteration 7 with max_nonfinite_steps=5.
+  c.debug = ml_collections.ConfigDict(dict(nan_at_steps=()))
 
   # Mesh and partitioning: logical axis -> mesh axis; -1 fills the remaining devices.
   c.mesh = dict(shape=(-1, 1, 1), axes=('data', 'fsdp', 'tensor'))

@@ -21,7 +21,7 @@ FILENAME = 'config.json'
 # of the config checks).
 ADDED_FIELDS = {'gan_start': 0, 'model.image_encoder.stem': 'patch',
                 'loss.sem_caption': 0.0,
-                'model.whiten_condition': False}
+                'model.whiten_condition': False, 'debug.nan_at_steps': ()}
 
 
 def path(workdir: str) -> str:

@@ -512,6 +512,10 @@ def _training(p: _Checker) -> None:
   p.integer('eval_every', 0, why='0 evaluates only at the end')
   p.integer('max_checkpoints', 1)
   p.integer('max_nonfinite_steps', 1)
+  nan_steps = p.get('debug.nan_at_steps', ())
+  if not isinstance(nan_steps, (tuple, list)) or not all(_is_int(n) and n >= 1 for n in nan_steps):
+    p.add('debug.nan_at_steps', nan_steps, 'allowed: a tuple of iteration numbers >= 1 whose batches are made '
+          'NaN (to test the NaN stop); () is off.')
   p.real('modality_dropout', 0, 1, why='probability that one of two condition sources is dropped')
 
   for w in ('adv', 'sem', 'sem_caption', 'div', 'align', 'caption', 'denoise', 'mismatch', 'r1_gamma'):

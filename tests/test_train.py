@@ -227,9 +227,14 @@ def test_nonfinite_update_is_skipped_and_counted(smoke):
   poisoned = state.replace(params=dict(state.params, generator=bad))
   with jax.set_mesh(smoke.mesh):
     batch = trainer.next_batch(smoke)
-    new, m = smoke.steps.g_step(jax.tree.map(jnp.copy, poisoned), batch)
+    new, m = smoke.steps.g_step(jax.tree.map(jnp.copy, poisoned), batch, jnp.float32(1.0))
+    # An iteration whose D step failed (d_finite 0) is bad once, whichever step failed; G's own update stands.
+    d_bad, _ = smoke.steps.g_step(jax.tree.map(jnp.copy, state), batch, jnp.float32(0.0))
   assert float(m['guard/g_finite']) == 0.0
   assert float(new.adaptive['nonfinite']) == 1.0
+  assert float(d_bad.adaptive['nonfinite']) == 1.0
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(host(d_bad.params['generator'])),
+                                                      jax.tree.leaves(host(state.params['generator']))))
   # Nothing was trained through the NaNs: the text encoder (finite before) is unchanged.
   np.testing.assert_array_equal(host(new.params['text_encoder'])['pos_embed'],
                                 host(poisoned.params['text_encoder'])['pos_embed'])

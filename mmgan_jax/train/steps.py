@@ -25,7 +25,8 @@ G step, two gradient paths:
   EMA of G and R is updated in the step.
 
 Non-finite losses or gradients: the update is skipped (the state is kept), `adaptive['nonfinite']` counts
-consecutive skips and the metrics report it; the trainer stops with an error after `max_nonfinite_steps`.
+consecutive bad iterations (one whose D or G step was skipped, counted once) and the metrics report it; the
+trainer stops with an error after `max_nonfinite_steps` of them.
 
 Gradient accumulation (`config.optim.grad_accum` = A > 1): each step splits its batch into A interleaved
 micro-batches (rows i, i + A, ...: on a batch-sharded mesh every device keeps its own rows, no communication),
@@ -93,10 +94,13 @@ def _select(ok: jax.Array, new, old):
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
-def _guard(ok: jax.Array, new: TrainState, old: TrainState) -> TrainState:
-  """Keeps the old state (but counts the skip) unless every loss and gradient was finite."""
+def _guard(ok: jax.Array, new: TrainState, old: TrainState, iteration_ok: jax.Array | None = None) -> TrainState:
+  """Keeps the old state unless every loss and gradient was finite. With `iteration_ok` (the G step: D's and G's
+  verdicts of this iteration together) it also counts the iteration in the streak of bad iterations."""
   kept = _select(ok, new, old)
-  nonfinite = jnp.where(ok, 0.0, old.adaptive['nonfinite'] + 1.0)
+  if iteration_ok is None:  # the D step: the streak is the G step's to update, once per iteration
+    return kept.replace(step=new.step)
+  nonfinite = jnp.where(iteration_ok, 0.0, old.adaptive['nonfinite'] + 1.0)
   return kept.replace(step=new.step, adaptive={**kept.adaptive, 'nonfinite': nonfinite})
 
 
@@ -370,7 +374,9 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     grads = dict(rep_grads, generator=jax.tree.map(jnp.zeros_like, state.params['generator']))
     return grads, state.adaptive['lambda_adv'], dict(terms, **{'rep/total': rep_loss})
 
-  def g_step(state: TrainState, batch: Batch, compute=g_compute):
+  def g_step(state: TrainState, batch: Batch, d_finite: jax.Array | None = None, compute=g_compute):
+    """The G-side update; `d_finite` (this iteration's D step's `guard/d_finite`) makes the streak of bad
+    iterations count an iteration once whichever of its two steps failed."""
     grads, lam, metrics = accumulate(compute, state, batch)
     b = batch['image'].shape[0]
     params_g = g_side(state.params)
@@ -388,7 +394,8 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
                         adaptive={**state.adaptive, 'lambda_adv': lam, 'images_seen': images_seen})
     norms = {f'grad_norm/{k}': optax.global_norm(v) for k, v in grads.items()}
     ok = losses.all_finite((metrics['rep/total'], metrics.get('g/total', 0.0), list(norms.values())))
-    new = _guard(ok, new, state)
+    iteration_ok = ok if d_finite is None else ok & (d_finite > 0)
+    new = _guard(ok, new, state, iteration_ok)
     metrics.update(norms)
     metrics.update({'ema/beta': beta, 'guard/g_finite': ok.astype(jnp.float32),
                     'guard/nonfinite_streak': new.adaptive['nonfinite']})
@@ -419,5 +426,5 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
 
   return Steps(d_step=with_rules(lambda s, b: d_step_impl(s, b, False)),
                d_step_r1=with_rules(lambda s, b: d_step_impl(s, b, True)), g_step=with_rules(g_step),
-               rep_step=with_rules(lambda s, b: g_step(s, b, rep_compute)),
+               rep_step=with_rules(lambda s, b: g_step(s, b, compute=rep_compute)),
                d_grads=with_rules(d_grads), g_grads=with_rules(g_grads))

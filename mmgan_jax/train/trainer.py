@@ -18,10 +18,11 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmgan_jax import config_io, config_validation
 from mmgan_jax.data import registry
@@ -305,7 +306,10 @@ def setup(config, workdir: str | None, *, devices=None, restore_step: int | None
   fns = make_steps(model, config, tx_g, tx_d)
   jit = lambda f: jax.jit(f, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
                           donate_argnums=0)
-  steps = dataclasses.replace(fns, d_step=jit(fns.d_step), d_step_r1=jit(fns.d_step_r1), g_step=jit(fns.g_step),
+  # G also takes the D step's `guard/d_finite` scalar (replicated), to count a bad iteration once.
+  g_step = jax.jit(fns.g_step, in_shardings=(shardings, batch_sh, NamedSharding(mesh, P())),
+                   out_shardings=(shardings, None), donate_argnums=0)
+  steps = dataclasses.replace(fns, d_step=jit(fns.d_step), d_step_r1=jit(fns.d_step_r1), g_step=g_step,
                               rep_step=jit(fns.rep_step))
   return Setup(config, model, mesh, data, state, shardings, batch_sh, steps, checkpointer, start_step)
 
@@ -316,6 +320,18 @@ def next_batch(s: Setup) -> dict[str, jax.Array]:
   return sharding.global_batch({k: local[k] for k in s.batch_shardings}, s.mesh, s.config.partition_rules)
 
 
+def _check_finite(streak: jax.Array | None, step: int, limit: int) -> None:
+  """Stops the run once `limit` consecutive iterations had non-finite losses or gradients (updates skipped)."""
+  if streak is None:
+    return
+  n = int(fetch(streak))
+  if n >= limit:
+    raise NonFiniteError(
+        f'step {step}: losses or gradients were NaN/Inf in {n} consecutive iterations (their updates were '
+        'skipped). Lower the learning rates or enable --config.optim.grad_clip; the last good checkpoint is in '
+        'the workdir.')
+
+
 def train_step(s: Setup, state, batch, step: int):
   """One iteration: D step (with lazy R1 every r1_interval) then G step; before `gan_start` the
   representation step alone."""
@@ -324,7 +340,7 @@ def train_step(s: Setup, state, batch, step: int):
   lc = s.config.loss
   use_r1 = lc.r1_gamma > 0 and lc.r1_interval > 0 and step % lc.r1_interval == 0
   state, d_metrics = (s.steps.d_step_r1 if use_r1 else s.steps.d_step)(state, batch)
-  state, g_metrics = s.steps.g_step(state, batch)
+  state, g_metrics = s.steps.g_step(state, batch, d_metrics['guard/d_finite'])
   return state, {**d_metrics, **g_metrics}
 
 
@@ -516,32 +532,36 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
     progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                                every_steps=config.log_every)
     state = s.state
+    nan_steps = frozenset(config.get('debug', {}).get('nan_at_steps', ()))
+    if nan_steps:
+      log.warning('debug.nan_at_steps: the batches of iterations %s are made NaN (a test of the NaN stop).',
+                  sorted(nan_steps))
     history: list[dict[str, jax.Array]] = []
     step = s.start_step
     t0 = time.time()
     t_first, first_step = None, step
     with sharding.use_mesh(s.mesh, config.partition_rules):
+      streak = None  # the previous iteration's count of consecutive bad iterations (read one step late)
       while step < config.total_steps:
         batch = next_batch(s)
+        if step + 1 in nan_steps:
+          batch = dict(batch, image=batch['image'] * jnp.nan)
         state, metrics = train_step(s, state, batch, step)
         step += 1
+        # Read while this step runs: waiting for the step itself would stall the dispatch of the next one.
+        _check_finite(streak, step - 1, config.max_nonfinite_steps)
+        streak = metrics['guard/nonfinite_streak']
         if t_first is None:  # the first step of this process compiles: the steady speed is measured after it
           jax.block_until_ready(state.step)
           t_first, first_step = time.time(), step
         history.append(metrics)
         progress(step)
         if step % config.log_every == 0 or step == config.total_steps:
-          streak = float(fetch(history[-1]['guard/nonfinite_streak']))  # the latest, not the mean
           scalars = _mean_metrics(history)
           history.clear()
           scalars['steps_per_sec_wall'] = (step - s.start_step) / max(time.time() - t0, 1e-9)
           scalars['data/bad_records'] = float(s.data.bad_records.count)  # skipped since this process started
           writer.write_scalars(step, scalars)
-          if streak >= config.max_nonfinite_steps:
-            raise NonFiniteError(
-                f'step {step}: losses or gradients were NaN/Inf for {int(streak)} '
-                'consecutive steps (updates were skipped). Lower the learning rates or enable '
-                '--config.optim.grad_clip; the last good checkpoint is in the workdir.')
         if config.sample_every and step % config.sample_every == 0:
           write_samples(s, writer, evaluator, state, step)
         stop = preemption.reached(step)
@@ -556,6 +576,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
             s.checkpointer.save(step, state, s.data.train.get_state(), force=True)
           log.warning('SIGTERM: checkpoint written at step %d; exiting.', step)
           return {}
+      _check_finite(streak, step, config.max_nonfinite_steps)
       jax.block_until_ready(state.step)
       t_loop = time.time()
       if s.checkpointer and s.checkpointer.latest_step() != step:

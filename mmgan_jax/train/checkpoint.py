@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -78,7 +81,7 @@ class Checkpointer:
     meta = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), 'state'))
     saved = _shapes(getattr(meta, 'item_metadata', meta))
     if not saved:
-      raise CheckpointError(f'step {step} has no readable array metadata')
+      raise CheckpointError(f'step {step} has no readable array metadata in {os.path.join(self.directory, str(step))}')
     wanted = _shapes(abstract_state)
     problems = [f'  {k}: in the config {wanted[k]}, not in the checkpoint' for k in sorted(wanted.keys() - saved.keys())]
     problems += [f'  {k}: in the checkpoint {saved[k]}, not in the config' for k in sorted(saved.keys() - wanted.keys())]
@@ -86,13 +89,17 @@ class Checkpointer:
                  if saved[k] != wanted[k]]
     return problems
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict] | None:
+  def restore(self, abstract_state: Any, step: int | None = None, *, move_damaged: bool = False
+              ) -> tuple[Any, dict] | None:
     """Restores onto `abstract_state` (a tree of jax.ShapeDtypeStruct with shardings); None if no checkpoint.
 
     Without `step`, the newest readable checkpoint wins: an unreadable one (a truncated or half-written file)
-    is skipped with a warning and the previous one is tried. A checkpoint whose arrays do not match
-    `abstract_state` (resumed with another model config) raises CheckpointMismatchError listing the
-    differences; nothing is ever partially loaded.
+    is skipped with a warning naming the damaged file, and the previous one is tried. With `move_damaged` (a
+    training run resuming) the skipped steps are then moved to WORKDIR/damaged_checkpoints/ (kept for
+    inspection, never deleted): orbax does not save a step <= its latest, so a damaged step left in place would
+    block the retrained one from ever being saved. A checkpoint whose arrays do not match `abstract_state`
+    (resumed with another model config) raises CheckpointMismatchError listing the differences; nothing is ever
+    partially loaded.
     """
     steps = self.all_steps()[::-1] if step is None else [step]
     if not steps:
@@ -115,15 +122,39 @@ class Checkpointer:
           if failures:
             log.warning('Resumed from step %d instead of the newer, unreadable checkpoint(s) %s.', s,
                         [f for f, _ in failures])
+            if move_damaged:
+              self._move_aside([f for f, _ in failures])
           return out['state'], dict(out['data'] or {})
         except Exception as e:  # pylint: disable=broad-except
           damaged = e
-      log.warning('Checkpoint step %d in %s is unreadable (%s: %s); trying the previous one.', s, self.directory,
-                  type(damaged).__name__, str(damaged)[:300])
+      log.warning('Checkpoint step %d in %s is unreadable: %s; trying the previous one.', s, self.directory,
+                  describe_damage(damaged, os.path.join(self.directory, str(s))))
       failures.append((s, damaged))
+    last_step, last_error = failures[-1]
+    last = describe_damage(last_error, os.path.join(self.directory, str(last_step)))
     raise CheckpointError(f'no readable checkpoint in {self.directory} (tried steps {[f for f, _ in failures]}); '
-                          f'the last error was {type(failures[-1][1]).__name__}: {str(failures[-1][1])[:300]}. '
+                          f'the last error: {last}. '
                           'Move the damaged step directories away, or start in a new workdir.')
+
+  def _move_aside(self, steps: list[int]) -> None:
+    """Moves damaged step directories to WORKDIR/damaged_checkpoints/step_<N>_<UTC time> (process 0)."""
+    if '://' in self.directory:
+      log.warning('Damaged checkpoint step(s) %s in %s stay in place (not moved on a remote filesystem): the '
+                  'retrained steps up to them will not be saved; move them away by hand.', steps, self.directory)
+      return
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.directory), 'damaged_checkpoints')
+      os.makedirs(aside, exist_ok=True)
+      stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
+      for s in steps:
+        target = os.path.join(aside, f'step_{s}_{stamp}')
+        shutil.move(os.path.join(self.directory, str(s)), target)
+        log.warning('Moved the damaged checkpoint step %d to %s (kept for inspection); the steps retrained '
+                    'after it are saved as usual.', s, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('mmgan_jax_damaged_checkpoints_moved')
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -131,6 +162,25 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def describe_damage(e: BaseException, step_dir: str) -> str:
+  """One line on why a checkpoint did not restore: the innermost error and, where its size shows, the file.
+
+  Orbax reports the array it was reading; the cause underneath (tensorstore) gives the byte range and the size it
+  found, which for a truncated file identifies it among the step's data files.
+  """
+  root = e
+  while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+    root = root.__cause__ or root.__context__
+  text = ' '.join(str(root).split())[:300] or type(root).__name__
+  size = re.search(r'value of size (\d+)', text)
+  if size and os.path.isdir(step_dir):
+    hits = [os.path.join(d, f) for d, _, files in os.walk(step_dir) for f in files
+            if os.path.getsize(os.path.join(d, f)) == int(size.group(1))]
+    if len(hits) == 1:
+      return f'{type(root).__name__}: {text}; damaged file: {hits[0]} ({size.group(1)} bytes)'
+  return f'{type(root).__name__}: {text}'
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -257,8 +257,13 @@ class Setup:
   start_step: int
 
 
-def setup(config, workdir: str | None, *, devices=None, restore_step: int | None = None) -> Setup:
-  """Builds data, model, mesh, sharded state and steps; restores the latest (or `restore_step`) checkpoint."""
+def setup(config, workdir: str | None, *, devices=None, restore_step: int | None = None,
+          resume: bool = False) -> Setup:
+  """Builds data, model, mesh, sharded state and steps; restores the latest (or `restore_step`) checkpoint.
+
+  `resume`: a training run continuing in the workdir; damaged newer checkpoints it falls back over are moved to
+  WORKDIR/damaged_checkpoints/ so that the retrained steps are saved (read-only tools leave them in place).
+  """
   config_validation.validate(config, num_devices=len(devices) if devices is not None else jax.device_count())
   data = registry.make_data(config.data, process_index=jax.process_index(), process_count=jax.process_count())
   model = mmgan.build_model(config.model, image_size=config.data.image_size,
@@ -289,7 +294,8 @@ def setup(config, workdir: str | None, *, devices=None, restore_step: int | None
     if restore_step is not None and restore_step not in checkpointer.all_steps():
       raise FileNotFoundError(f'no checkpoint for step {restore_step} in {checkpointer.directory}; '
                               f'saved steps: {checkpointer.all_steps() or "none"}.')
-    restored = checkpointer.restore(ckpt_lib.abstract_with_shardings(abstract, shardings), step=restore_step)
+    restored = checkpointer.restore(ckpt_lib.abstract_with_shardings(abstract, shardings), step=restore_step,
+                                    move_damaged=resume)
     if restored is not None:
       state, data_state = restored
       if data_state:
@@ -516,7 +522,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
   s = None
   try:
     check_workdir(workdir)
-    s = setup(config, workdir, devices=devices)
+    s = setup(config, workdir, devices=devices, resume=True)
     check_workdir(workdir, checkpoint_bytes(config, s.state))
     if preemption.requested:
       log.warning('SIGTERM during set-up: exiting before the first step (nothing new to save).')

@@ -39,6 +39,10 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num
                                    '(default: auto-detected).')
 _DIST_TIMEOUT = flags.DEFINE_integer('distributed_timeout_s', 300, 'Seconds to wait for the coordinator and every '
                                      'process before stopping with an error.')
+_ACCEPT = flags.DEFINE_bool('accept_config_change', False, 'Resume a run whose config.json differs from --config '
+                            'in fields that change training (seed, model, data, losses, optimiser, schedule); the '
+                            'changes are appended to WORKDIR/config_history.jsonl. Without it such a resume stops '
+                            'and lists the differences.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -53,7 +57,7 @@ def main(argv):
     # Before anything touches a JAX device: the devices of a multi-process job exist only after joining it.
     trainer.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                          timeout_s=_DIST_TIMEOUT.value)
-    results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, accept_config_change=_ACCEPT.value)
   except (DatasetUnavailableError, FileNotFoundError, ValueError, trainer.NonFiniteError, trainer.WorkdirError,
           CheckpointError, DataError, trainer.DistributedError) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import ml_collections
@@ -76,3 +77,71 @@ def load(workdir: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(_tuples(data))
   config.lock()
   return config
+
+
+# Fields that change how a run is watched, not what it trains: a resumed run may change them freely (still
+# recorded in the history). Everything else (seed, model, data, losses, optimiser, schedule) must match the run's
+# record unless the change is accepted explicitly.
+BOOKKEEPING = ('log_every', 'sample_every', 'checkpoint_every', 'max_checkpoints', 'eval_every', 'eval.',
+               'max_nonfinite_steps', 'debug.')
+HISTORY = 'config_history.jsonl'
+
+
+class ConfigChangeError(ValueError):
+  """A run is resumed with a config that differs from the one it was trained with."""
+
+
+def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def changes(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> dict[str, list]:
+  """{'dotted.path': [old value, new value]} for every field that differs (absent: None)."""
+  a, b = _flat(old.to_dict()), _flat(new.to_dict())
+  return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def _append_history(workdir: str, entry: dict) -> None:
+  with open(os.path.join(workdir, HISTORY), 'a') as f:
+    f.write(json.dumps(entry, sort_keys=True) + '\n')
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str, *, resuming: bool,
+                 accept_changes: bool) -> dict[str, list]:
+  """Compares `config` with the run's record (WORKDIR/config.json) before a resumed run starts.
+
+  Returns {field: [old, new]} for every difference (nothing for a fresh run: `resuming` False). A difference in a
+  field outside BOOKKEEPING raises ConfigChangeError listing every one, unless `accept_changes`.
+  """
+  if not resuming or not os.path.isfile(path(workdir)):
+    return {}
+  diff = changes(load(workdir), config)
+  training = {k: v for k, v in diff.items() if not k.startswith(BOOKKEEPING)}
+  if training and not accept_changes:
+    shown = '\n'.join(f'  {k}: {v[0]!r} -> {v[1]!r}' for k, v in list(training.items())[:40])
+    more = f'\n  ... and {len(training) - 40} more' if len(training) > 40 else ''
+    raise ConfigChangeError(
+        f'{workdir} holds a run trained with a different config; {len(training)} field(s) differ from its '
+        f'config.json:\n{shown}{more}\nResume with the same config, or pass --accept_config_change to continue '
+        f'with the new values (recorded in {os.path.join(workdir, HISTORY)}), or use a new workdir.')
+  return diff
+
+
+def record(config: ml_collections.ConfigDict, workdir: str, diff: dict[str, list], *, resuming: bool) -> None:
+  """Writes the run's record once it has started: WORKDIR/config.json becomes `config` (what evaluation and
+  sampling read), and WORKDIR/config_history.jsonl gets the first config of the run, then one line per resume
+  that changed something (`diff`, from check_resume), so what the run was is never lost."""
+  stamp = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
+  if not os.path.isfile(os.path.join(workdir, HISTORY)):
+    first = load(workdir) if resuming and os.path.isfile(path(workdir)) else config
+    _append_history(workdir, {'time': stamp, 'event': 'start' if not resuming else 'record (before the history)',
+                              'config': first.to_dict()})
+  if diff:
+    _append_history(workdir, {'time': stamp, 'event': 'resume with changes', 'changes': diff})
+  save(config, workdir)

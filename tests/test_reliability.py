@@ -75,3 +75,30 @@ def test_launcher_reports_a_bad_workdir_in_one_line(tmp_path):
                          f'--workdir={blocker}/run'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert 'cannot be written' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_resuming_with_a_different_config_is_refused_and_an_accepted_change_is_recorded(tmp_path):
+  """A workdir with a checkpoint, resumed with another seed and learning rate: refused before anything is built,
+  every differing field listed; bookkeeping fields (eval_every) may change; an accepted change is appended to
+  config_history.jsonl after the run's first config, and config.json becomes the new config."""
+  import json  # pylint: disable=g-import-not-at-top
+  from mmgan_jax import config_io  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+  first = smoke_config()
+  config_io.record(first, workdir, {}, resuming=False)
+  os.makedirs(os.path.join(workdir, 'checkpoints', '3'))
+  changed = smoke_config(**{'seed': 1, 'optim.g_lr': 1e-3, 'eval_every': 2})
+  with pytest.raises(config_io.ConfigChangeError, match=r'2 field\(s\) differ') as e:
+    trainer.train_and_evaluate(changed, workdir, devices=jax.devices()[:1])
+  assert 'seed: 0 -> 1' in str(e.value) and 'optim.g_lr: 0.005 -> 0.001' in str(e.value)
+  assert 'eval_every' not in str(e.value) and '--accept_config_change' in str(e.value)
+  assert config_io.load(workdir).seed == 0  # the record is untouched
+  assert config_io.check_resume(smoke_config(eval_every=2), workdir, resuming=True, accept_changes=False) == {
+      'eval_every': [0, 2]}
+  diff = config_io.check_resume(changed, workdir, resuming=True, accept_changes=True)
+  config_io.record(changed, workdir, diff, resuming=True)
+  with open(os.path.join(workdir, config_io.HISTORY)) as f:
+    history = [json.loads(line) for line in f]
+  assert [h['event'] for h in history] == ['start', 'resume with changes']
+  assert history[0]['config']['seed'] == 0 and history[1]['changes']['seed'] == [0, 1]
+  assert config_io.load(workdir).seed == 1

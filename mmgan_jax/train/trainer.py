@@ -507,10 +507,17 @@ def hparams(config) -> dict[str, bool | int | float | str]:
   return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
 
 
-def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float]:
+def _has_checkpoint(workdir: str) -> bool:
+  d = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+
+
+def train_and_evaluate(config, workdir: str, *, devices=None, accept_config_change: bool = False
+                       ) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if a checkpoint is there) and returns the final evaluation.
 
-  `devices` (default: all) is what the mesh is built from.
+  `devices` (default: all) is what the mesh is built from. A resumed run must have the config it was trained
+  with (config_io.check_resume); `accept_config_change` continues with the new values, recorded in the workdir.
   """
   _hide_accelerators_from_tf()
   from clu import metric_writers, parameter_overview, periodic_actions  # pylint: disable=g-import-not-at-top
@@ -521,14 +528,29 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> dict[str, float
     _log_process_line()
   s = None
   try:
+    # The config first: a rejected one leaves no workdir behind.
+    config_validation.validate(config, num_devices=len(devices) if devices is not None else jax.device_count())
+    created = not is_url(workdir) and not os.path.exists(workdir)
     check_workdir(workdir)
-    s = setup(config, workdir, devices=devices, resume=True)
+    resuming = not is_url(workdir) and _has_checkpoint(workdir)
+    diff = {}
+    if not is_url(workdir):  # (config.json is not kept on cloud storage)
+      diff = config_io.check_resume(config, workdir, resuming=resuming, accept_changes=accept_config_change)
+      if diff:
+        log.warning('Resuming with %d changed config field(s), recorded in %s: %s', len(diff),
+                    os.path.join(workdir, config_io.HISTORY), ', '.join(diff))
+    try:
+      s = setup(config, workdir, devices=devices, resume=True)
+    except BaseException:
+      if created and os.path.isdir(workdir) and not os.listdir(workdir):  # leave nothing behind
+        os.rmdir(workdir)
+      raise
     check_workdir(workdir, checkpoint_bytes(config, s.state))
     if preemption.requested:
       log.warning('SIGTERM during set-up: exiting before the first step (nothing new to save).')
       return {}
     if jax.process_index() == 0 and not is_url(workdir):  # what launch/sample.py and evaluate.py read back
-      config_io.save(config, workdir)
+      config_io.record(config, workdir, diff, resuming=resuming)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if s.start_step == 0:
       writer.write_hparams(hparams(config))

@@ -63,7 +63,8 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   if not results:
-    print('Stopped by SIGTERM; the checkpoint is in the workdir. Run the same command to resume.', file=sys.stderr)
+    print('Stopped by SIGTERM. Run the same command to resume from the newest checkpoint in the workdir.',
+          file=sys.stderr)
   for k in sorted(results):
     print(f'{k}: {results[k]:.4f}' if isinstance(results[k], float) else f'{k}: {results[k]}')
 

@@ -351,17 +351,30 @@ def train_step(s: Setup, state, batch, step: int):
 
 
 class _Preemption:
-  """SIGTERM -> a checkpoint at a step boundary, then a clean exit.
+  """SIGTERM -> a checkpoint at a step boundary, then a clean exit; bounded by GRACE_S in any phase.
 
   One process: a Python SIGTERM handler sets a flag the loop checks after each step. Several processes: they
   must all stop at the same step (a checkpoint save is collective), even when only some of them got the
   signal; jax's preemption service (installed by `jax.distributed.initialize`, it catches SIGTERM itself)
   propagates the notice and `reached(step)` is true on every process at the same agreed step.
+
+  A Python handler only runs between bytecodes, so a SIGTERM that lands in a long native call (an XLA compile,
+  the end-of-run evaluation) would wait for it: preemptible VMs give ~30 s. The signal also wakes a watchdog
+  thread (`signal.set_wakeup_fd`); if the main thread has not stopped GRACE_S seconds later, the watchdog lets
+  an in-flight checkpoint write finish and exits the process (status 0). What a checkpoint already holds is
+  never lost: at worst the steps since the newest checkpoint are retrained.
   """
+
+  GRACE_S = 20.0  # of the ~30 s a preemptible VM gives; the rest covers an in-flight checkpoint write
+  SAVE_WAIT_S = 8.0
 
   def __init__(self):
     self.requested = False
+    self.phase = 'set-up'  # what the main thread is doing, for the watchdog's message
+    self.checkpointer = None  # set once built: the watchdog waits for its in-flight save
     self._old = None
+    self._old_fd = None
+    self._done = threading.Event()
     self._sync = jax.distributed.is_initialized() and jax.process_count() > 1
     if self._sync:
       return  # keep jax's SIGTERM notifier: a Python handler would replace it
@@ -369,10 +382,47 @@ class _Preemption:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread
       self._old = None
+      return
+    self._wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    self._wake_w = wake_w
+    try:
+      self._old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    except ValueError:
+      return
+    threading.Thread(target=self._watchdog, name='sigterm-watchdog', daemon=True).start()
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def _watchdog(self):
+    while not self._done.is_set():
+      try:
+        data = self._wake_r.recv(64)
+      except OSError:
+        return
+      if not data or self._done.is_set():
+        return
+      if signal.SIGTERM in data:
+        break
+    if self._done.wait(self.GRACE_S):
+      return
+    saver = getattr(self.checkpointer, 'manager', None)
+    t0 = time.time()
+    while saver is not None and saver.is_saving_in_progress() and time.time() - t0 < self.SAVE_WAIT_S:
+      time.sleep(0.1)
+    newest = None
+    try:
+      newest = self.checkpointer.latest_step() if self.checkpointer is not None else None
+    except Exception:  # pylint: disable=broad-except
+      pass
+    msg = (f'SIGTERM: still {self.phase} {self.GRACE_S:.0f} s later; exiting now (newest checkpoint: step '
+           f'{newest}). Run the same command to resume.')
+    log.warning(msg)
+    print(msg, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(0)  # pylint: disable=protected-access
 
   def reached(self, step: int) -> bool:
     """Whether to checkpoint and stop after `step`; call it once after every step (the same on all processes)."""
@@ -385,8 +435,25 @@ class _Preemption:
     return self.requested
 
   def restore(self):
+    self._done.set()
+    if self._old_fd is not None:
+      signal.set_wakeup_fd(self._old_fd)
+      self._wake_w.close()
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
+
+
+def _write_parameter_table(params, workdir: str, parameter_overview) -> None:
+  """The full parameter table goes to WORKDIR/parameters.txt; the console gets one line."""
+  table = parameter_overview.get_parameter_overview(params, include_stats=False)
+  leaves = jax.tree.leaves(params)
+  count = sum(int(np.prod(x.shape)) for x in leaves)
+  nbytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
+  from etils import epath  # pylint: disable=g-import-not-at-top  (local paths and gs:// alike)
+  where = epath.Path(workdir) / 'parameters.txt'
+  where.write_text(table + '\n')
+  log.info('Parameters: %s (%.1f MB) in %d arrays; the table per array is in %s.', f'{count:,}', nbytes / 1e6,
+           len(leaves), where)
 
 
 def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -546,6 +613,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, accept_config_chan
         os.rmdir(workdir)
       raise
     check_workdir(workdir, checkpoint_bytes(config, s.state))
+    preemption.checkpointer = s.checkpointer
     if preemption.requested:
       log.warning('SIGTERM during set-up: exiting before the first step (nothing new to save).')
       return {}
@@ -555,7 +623,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, accept_config_chan
     if s.start_step == 0:
       writer.write_hparams(hparams(config))
     if s.start_step == 0 and jax.process_index() == 0:
-      log.info('Parameters:\n%s', parameter_overview.get_parameter_overview(s.state.params, include_stats=False))
+      _write_parameter_table(s.state.params, workdir, parameter_overview)
     evaluator = make_evaluator(s, workdir)
     progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                                every_steps=config.log_every)
@@ -570,6 +638,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None, accept_config_chan
     t_first, first_step = None, step
     with sharding.use_mesh(s.mesh, config.partition_rules):
       streak = None  # the previous iteration's count of consecutive bad iterations (read one step late)
+      if step < config.total_steps:
+        preemption.phase = 'compiling the train steps'
+        log.info('Compiling the train steps for iteration %d (the D and G programs; minutes on a CPU)...', step + 1)
       while step < config.total_steps:
         batch = next_batch(s)
         if step + 1 in nan_steps:
@@ -582,6 +653,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, accept_config_chan
         if t_first is None:  # the first step of this process compiles: the steady speed is measured after it
           jax.block_until_ready(state.step)
           t_first, first_step = time.time(), step
+          log.info('Compiled; iteration %d done in %.0f s. Training.', step, t_first - t0)
+          preemption.phase = 'training'
         history.append(metrics)
         progress(step)
         if step % config.log_every == 0 or step == config.total_steps:
@@ -598,7 +671,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None, accept_config_chan
           s.checkpointer.save(step, state, s.data.train.get_state(), force=stop)
         if (config.eval_every and step % config.eval_every == 0 and step < config.total_steps
             and not preemption.requested):
+          preemption.phase = f'evaluating step {step}'
           writer.write_scalars(step, {f'eval/{k}': v for k, v in evaluate(s, evaluator, state).items()})
+          preemption.phase = 'training'
         if preemption.requested:  # (one process: it may have arrived during the evaluation)
           if s.checkpointer and not saved:
             s.checkpointer.save(step, state, s.data.train.get_state(), force=True)
@@ -608,7 +683,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None, accept_config_chan
       jax.block_until_ready(state.step)
       t_loop = time.time()
       if s.checkpointer and s.checkpointer.latest_step() != step:
+        preemption.phase = 'saving the final checkpoint'
         s.checkpointer.save(step, state, s.data.train.get_state(), force=True)
+      preemption.phase = f'evaluating step {step} (the final checkpoint is written)'
+      log.info('Evaluating step %d (%s on %d held-out examples)...', step, ', '.join(config.eval.evaluators),
+               config.eval.num_examples)
       write_samples(s, writer, evaluator, state, step)
       results = evaluate(s, evaluator, state)
   finally:

@@ -44,11 +44,19 @@ def load_wav(path: str, sample_rate: int, num_samples: int) -> np.ndarray:
   then the first num_samples kept or zero-padded at the end."""
   if not os.path.isfile(path):
     raise InputError(f'--audio={path}: no such file.')
-  try:
-    rate, data = wavfile.read(path)
-  except (ValueError, OSError) as e:
-    raise InputError(f'--audio={path}: not a readable wav file ({e}).') from None
-  x = np.asarray(data)
+  try:  # memory-mapped: an hours-long file costs only the samples kept
+    rate, data = wavfile.read(path, mmap=True)
+  except ValueError:  # formats scipy cannot map (e.g. 24-bit PCM) are read whole
+    try:
+      rate, data = wavfile.read(path)
+    except Exception as e:  # pylint: disable=broad-except  (a malformed or hostile header: anything goes)
+      raise InputError(f'--audio={path}: not a readable wav file ({type(e).__name__}: {e}).') from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise InputError(f'--audio={path}: not a readable wav file ({type(e).__name__}: {e}).') from None
+  if not rate or rate <= 0:
+    raise InputError(f'--audio={path}: the header gives a sample rate of {rate}.')
+  keep = int(math.ceil(num_samples * rate / sample_rate)) + 64  # what the first num_samples at our rate need
+  x = np.array(data[:keep])
   if x.size == 0:
     raise InputError(f'--audio={path}: the file has no samples.')
   if np.issubdtype(x.dtype, np.integer):  # PCM: scale to [-1, 1)
@@ -67,6 +75,9 @@ def load_wav(path: str, sample_rate: int, num_samples: int) -> np.ndarray:
   return out
 
 
+MAX_IMAGE_PIXELS = 50_000_000  # a 7000 x 7000 photo; anything larger is refused before decoding
+
+
 def load_image(path: str, size: int) -> np.ndarray:
   """An image file as float32 (size, size, 3) in [-1, 1]: RGB, centre square crop, bicubic resize."""
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
@@ -74,14 +85,19 @@ def load_image(path: str, size: int) -> np.ndarray:
     raise InputError(f'--image={path}: no such file.')
   try:
     with Image.open(path) as im:
+      if im.width * im.height > MAX_IMAGE_PIXELS:  # checked from the header, before anything is decoded
+        raise InputError(f'--image={path}: {im.width}x{im.height} pixels is more than the {MAX_IMAGE_PIXELS:,} '
+                         'accepted; downscale it first.')
       im = im.convert('RGB')
       w, h = im.size
       s = min(w, h)
       left, top = (w - s) // 2, (h - s) // 2
       im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
       arr = np.asarray(im, np.float32)
-  except (UnidentifiedImageError, OSError) as e:
-    raise InputError(f'--image={path}: not a readable image ({e}).') from None
+  except InputError:
+    raise
+  except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+    raise InputError(f'--image={path}: not a readable image ({type(e).__name__}: {e}).') from None
   return arr / 127.5 - 1.0
 
 

@@ -103,13 +103,22 @@ def test_nan_weights_and_unreadable_files_are_rejected(arrays, tmp_path):
   bad['net.layers.conv_3.var'] = np.full_like(bad['net.layers.conv_3.var'], np.nan)
   with pytest.raises(ValueError, match='NaN/Inf.*conv_3.var'):
     inception.params_from_arrays(bad)
+  # Each damaged file is named with what is wrong with it (np.load calls every one of them "pickled data").
   junk = tmp_path / 'junk.npz'
   junk.write_bytes(b'not a zip file')
-  with pytest.raises(ValueError, match='Could not read'):
+  with pytest.raises(ValueError, match=r"junk.npz is not an .npz archive \(it starts with b'not a zi'\)"):
     inception.load_params(junk)
+  (tmp_path / 'empty.npz').write_bytes(b'')
+  with pytest.raises(ValueError, match='empty.npz is empty'):
+    inception.load_params(tmp_path / 'empty.npz')
+  truncated = tmp_path / 'truncated.npz'
+  np.savez(truncated, w=np.ones((64, 64), np.float32))
+  truncated.write_bytes(truncated.read_bytes()[:500])
+  with pytest.raises(ValueError, match='truncated.npz is truncated or corrupt'):
+    inception.load_params(truncated)
   pickled = tmp_path / 'pickled.npz'
   np.savez(pickled, **{'net.layers.conv.weight': np.array([{'a': 1}], dtype=object)})
-  with pytest.raises(ValueError, match='Could not read'):
+  with pytest.raises(ValueError, match='holds Python objects'):
     inception.load_params(pickled)
 
 

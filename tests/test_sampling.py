@@ -158,3 +158,38 @@ def test_cli_writes_every_output_and_fails_in_one_line(workdir, tmp_path):
     p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 2 and 'Traceback' not in p.stderr, (bad, p.stderr[-2000:])
     assert p.stderr.strip().splitlines()[-1].startswith('error: ') and message in p.stderr, (bad, p.stderr)
+
+
+def test_hostile_input_files_are_one_clear_error(tmp_path):
+  """Malformed, truncated, hostile and enormous --image / --audio files: an InputError naming the file, or (a
+  long clip) only the samples kept are read."""
+  import struct  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+  from scipy.io import wavfile  # pylint: disable=g-import-not-at-top
+
+  def chunk(kind, data):
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF)
+  bomb = tmp_path / 'bomb.png'  # a valid header claiming 10000 x 8000 pixels (a decompression bomb's first bytes)
+  bomb.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 10_000, 8_000, 8, 2, 0, 0, 0))
+                   + chunk(b'IEND', b''))
+  with pytest.raises(sampling.InputError, match=r'bomb.png: 10000x8000 pixels is more than'):
+    sampling.load_image(str(bomb), 32)
+  good = tmp_path / 'good.png'
+  Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(good)
+  cut = tmp_path / 'cut.png'
+  cut.write_bytes(good.read_bytes()[:70])
+  with pytest.raises(sampling.InputError, match='cut.png: not a readable image'):
+    sampling.load_image(str(cut), 32)
+  long_wav = tmp_path / 'long.wav'  # 10 minutes at 8 kHz: resampled to 16 kHz, only the first 0.1 s is kept
+  wavfile.write(long_wav, 8000, (np.sin(np.arange(8000 * 600) * 0.05) * 20000).astype(np.int16))
+  clip = sampling.load_wav(str(long_wav), 16_000, 1600)
+  assert clip.shape == (1600,) and 0.5 < np.abs(clip).max() < 0.7
+  header_only = tmp_path / 'header.wav'
+  header_only.write_bytes(long_wav.read_bytes()[:44])
+  bad_rate = tmp_path / 'rate0.wav'
+  raw = bytearray(long_wav.read_bytes()[:4000])
+  raw[24:28] = struct.pack('<I', 0)  # the fmt chunk's sample rate
+  bad_rate.write_bytes(bytes(raw))
+  for f in (header_only, bad_rate, good):
+    with pytest.raises(sampling.InputError, match=f'{f.name}: '):
+      sampling.load_wav(str(f), 16_000, 1600)

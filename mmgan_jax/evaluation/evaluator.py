@@ -39,7 +39,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mmgan_jax.data import oracle, shapes
-from mmgan_jax.evaluation import semantic, text_metrics
+from mmgan_jax.evaluation import npz, semantic, text_metrics
 from mmgan_jax.models import mmgan, text_decoder
 
 log = logging.getLogger(__name__)
@@ -248,9 +248,12 @@ class FIDPlugin(Plugin):
     self._real_cached = None
     self._real_stats = None
     if self.cache_path and os.path.exists(self.cache_path):
-      with np.load(self.cache_path, allow_pickle=False) as z:
-        self._real_cached = np.asarray(z['features'])
-      log.info('Real-set Inception features from the cache %s (N=%d).', self.cache_path, len(self._real_cached))
+      try:  # derived data: a damaged cache file is recomputed (and rewritten), never fatal
+        self._real_cached = np.asarray(npz.read_arrays(self.cache_path, 'cached real-set features')['features'])
+        log.info('Real-set Inception features from the cache %s (N=%d).', self.cache_path,
+                 len(self._real_cached))
+      except (ValueError, KeyError) as e:
+        log.warning('Ignoring the damaged feature cache %s (%s); recomputing it.', self.cache_path, e)
     self.needs_real = self._real_cached is None
 
   def start(self):

@@ -53,6 +53,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import scipy.linalg
 
+from mmgan_jax.evaluation import npz
+
 IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png', '.webp')
 # Largest imaginary part of diag(sqrtm(S1 S2)) that the 'sqrtm' method drops silently (pytorch-fid's value).
 _SQRTM_IMAG_ATOL = 1e-3
@@ -218,11 +220,7 @@ class FeatureStats:
     if not os.path.isfile(path):
       raise FileNotFoundError(f'Feature statistics file not found: {path}. Create one with '
                               f'`python -m mmgan_jax.evaluation.fid IMAGE_DIR {path} --weights W --save-stats`.')
-    try:
-      with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-      raise ValueError(f'Cannot read feature statistics from {path}: {e}') from e
+    arrays = npz.read_arrays(path, 'Inception feature statistics (FeatureStats.save)')
     missing = [k for k in ('mean', 'cov', 'n') if k not in arrays]
     if missing:
       raise ValueError(f'{path} lacks {missing} (has {sorted(arrays)}); expected a file written by '

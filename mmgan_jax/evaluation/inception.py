@@ -37,7 +37,6 @@ Preprocessing (`preprocess`), applied identically to real and to generated image
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -45,6 +44,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mmgan_jax.evaluation import npz
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
@@ -328,11 +329,9 @@ def load_params(path: str | os.PathLike) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'FID Inception weights not found at {path!r}. {_GET_WEIGHTS}')
   try:
-    with np.load(path, allow_pickle=False) as data:
-      arrays = {k: data[k] for k in data.files}
-  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-    raise ValueError(f'Could not read {path!r} as an .npz of plain arrays ({type(e).__name__}: {e}). '
-                     f'{_GET_WEIGHTS}') from e
+    arrays = npz.read_arrays(path, 'the FID Inception weights')
+  except ValueError as e:
+    raise ValueError(f'{e} {_GET_WEIGHTS}') from None
   return params_from_arrays(arrays, source=repr(path))
 
 

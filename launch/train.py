@@ -49,6 +49,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
+  cli.quiet_console()
   from mmgan_jax.data.registry import DatasetUnavailableError  # pylint: disable=g-import-not-at-top
   from mmgan_jax.train import trainer  # pylint: disable=g-import-not-at-top
   from mmgan_jax.data.records import DataError  # pylint: disable=g-import-not-at-top
@@ -65,8 +66,8 @@ def main(argv):
   if not results:
     print('Stopped by SIGTERM. Run the same command to resume from the newest checkpoint in the workdir.',
           file=sys.stderr)
-  for k in sorted(results):
-    print(f'{k}: {results[k]:.4f}' if isinstance(results[k], float) else f'{k}: {results[k]}')
+  if results:
+    print(cli.results_table(results, os.path.join(_WORKDIR.value, 'eval_results.json')))
 
 
 if __name__ == '__main__':

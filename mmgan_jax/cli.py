@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
+import os
 import sys
 from typing import Any, Iterator
 
@@ -96,3 +98,72 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (KeyError, AttributeError):
       pass
   return remaining
+
+
+# Start-up lines of TensorFlow's C++ runtime (tfds and grain import it): INFO only, and its oneDNN string-op
+# notice, which an AVX2 machine prints at ERROR level in a healthy run. Set before TensorFlow is imported;
+# a value the user exported wins.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+_OWN = (os.sep + 'mmgan_jax' + os.sep, os.sep + 'launch' + os.sep)
+
+
+class _ConsoleFilter(logging.Filter):
+  """INFO lines from this project, CLU's progress line and its scalar lines (every log_every steps) pass;
+  libraries' INFO chatter (orbax's ~190 lines per run, jax's TPU probe on a CPU, CLU's notices of the images
+  and texts it wrote) does not. Warnings and errors always pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.WARNING:
+      return True
+    path, msg = record.pathname or '', str(record.msg)
+    if path.endswith('logging_writer.py'):
+      return msg == '[%d]%s %s'  # the scalars; not 'Got images/texts/audios'
+    return any(p in path for p in _OWN) or msg.startswith('Setting work unit notes')
+
+
+def quiet_console() -> None:
+  """Keeps the console to this project's lines: call at the start of a launcher's main (absl's handler is
+  installed by then). Everything still reaches TensorBoard; `--verbosity=1` style debugging is unaffected for
+  warnings."""
+  for handler in logging.getLogger().handlers:
+    if not any(isinstance(f, _ConsoleFilter) for f in handler.filters):
+      handler.addFilter(_ConsoleFilter())
+
+
+_ATTRS = ('mean', 'colour', 'shape', 'size', 'position', 'all_correct')
+
+
+def results_table(results: dict, path: str = '') -> str:
+  """The end-of-run results as a short labelled table: semantic accuracy per setting (rows) and attribute
+  (columns), caption BLEU-4, retrieval R@1, FID, and the run's time. Every number is in `path` (JSON)."""
+  rows, other = {}, []
+  for key, value in results.items():
+    parts = key.split('/')
+    if parts[-1] in _ATTRS and len(parts) >= 2:
+      setting = parts[0].replace('_to_', '→').replace('_', '+')
+      stage = ' '.join(parts[1:-1]).replace('pre_refine', 'before refinement')
+      rows.setdefault(f'{setting} {stage}'.strip(), {})[parts[-1]] = value
+  lines = []
+  if rows:
+    n = int(results.get('num_examples', 0))
+    lines.append(f'Semantic accuracy (%, oracle; N = {n} held-out examples)')
+    width = max(len(r) for r in rows) + 2
+    lines.append(' ' * width + ''.join(f'{a.replace("all_correct", "all four"):>10}' for a in _ATTRS))
+    for name in sorted(rows):
+      lines.append(f'{name:<{width}}' + ''.join(f'{100 * rows[name][a]:>10.1f}' if a in rows[name] else ' ' * 10
+                                                 for a in _ATTRS))
+  for key in sorted(results):
+    tail = key.rsplit('/', 1)[-1]
+    if tail in ('BLEU-4', 'METEOR', 'R@1', 'fid', 'precision', 'recall') or key.startswith('fid'):
+      other.append(f'{key.replace("_to_", "→")} {results[key]:.4f}')
+  if other:
+    lines.append('')
+    lines.extend('  '.join(other[i:i + 4]) for i in range(0, len(other), 4))
+  if 'train_seconds' in results:
+    speed = f', {results["steps_per_sec"]:.2f} steps/s after the first' if 'steps_per_sec' in results else ''
+    lines.append(f'\n{int(results.get("steps", 0))} steps in {results["train_seconds"]:.0f} s{speed}.')
+  if path:
+    lines.append(f'All {len(results)} numbers: {path}')
+  return '\n'.join(lines)

@@ -636,6 +636,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, accept_config_chan
     step = s.start_step
     t0 = time.time()
     t_first, first_step = None, step
+    sampled = None  # the step whose sample grids were last written
     with sharding.use_mesh(s.mesh, config.partition_rules):
       streak = None  # the previous iteration's count of consecutive bad iterations (read one step late)
       if step < config.total_steps:
@@ -665,6 +666,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, accept_config_chan
           writer.write_scalars(step, scalars)
         if config.sample_every and step % config.sample_every == 0:
           write_samples(s, writer, evaluator, state, step)
+          sampled = step
         stop = preemption.reached(step)
         saved = bool(s.checkpointer) and (step % config.checkpoint_every == 0 or stop)
         if saved:
@@ -688,7 +690,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, accept_config_chan
       preemption.phase = f'evaluating step {step} (the final checkpoint is written)'
       log.info('Evaluating step %d (%s on %d held-out examples)...', step, ', '.join(config.eval.evaluators),
                config.eval.num_examples)
-      write_samples(s, writer, evaluator, state, step)
+      if sampled != step:  # (once per step: the loop may have written this step's grids)
+        write_samples(s, writer, evaluator, state, step)
       results = evaluate(s, evaluator, state)
   finally:
     preemption.restore()

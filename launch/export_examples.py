@@ -22,7 +22,8 @@ from ml_collections import config_flags  # noqa: E402
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir whose config.json gives the data settings.')
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:variant]) instead of a workdir.',
                                           lock_config=True)
-_OUT = flags.DEFINE_string('out', 'examples', 'Output directory.')
+_OUT = flags.DEFINE_string('out', None, 'Output directory (default: WORKDIR/examples with --workdir, else '
+                           './examples).')
 _NUM = flags.DEFINE_integer('num', 4, 'How many examples.')
 _START = flags.DEFINE_integer('start', 0, 'Index of the first held-out example.')
 
@@ -40,7 +41,8 @@ def main(argv):
   from mmgan_jax import config_io, sampling  # pylint: disable=g-import-not-at-top
   try:
     config = _CONFIG.value if _CONFIG.value is not None else config_io.load(_WORKDIR.value)
-    written = sampling.export_examples(config.data, _OUT.value, _NUM.value, start=_START.value)
+    out = _OUT.value or (os.path.join(_WORKDIR.value, 'examples') if _WORKDIR.value else 'examples')
+    written = sampling.export_examples(config.data, out, _NUM.value, start=_START.value)
   except (sampling.InputError, FileNotFoundError, ValueError, OSError) as e:
     _fail(str(e))
   for ex in written:

@@ -68,6 +68,13 @@ _STATS = flags.DEFINE_bool('cond_stats', False, "With --cond_from: print each at
 _WHITEN = flags.DEFINE_bool('cond_whiten', False, 'With --cond_from: ZCA-whiten the conditions as '
                             'model.whiten_condition does (here with the training set\'s statistics).')
 
+_INSTANCE_NOISE = flags.DEFINE_bool('instance_noise', False, "The full model's Diffusion-GAN instance noise: D is "
+                                    'noise-aware and reads real and fake images diffused to t ~ p(t) ∝ t on '
+                                    '{1..T_max}, T_max adapting toward r_sign 0.6 (configs/common.py '
+                                    'diffusion_gan: sigma 0.05, step 2, cap 500).')
+_PAIRS = flags.DEFINE_bool('pairs', False, "The full model's G step: half the batch's conditions, two samples each, "
+                           'with the MSGAN term at configs/shapes.py\'s 0.01.')
+
 R1_INTERVAL = 16
 
 
@@ -125,17 +132,29 @@ def main(argv):
                   w_dim=g.w_dim, mapping_layers=g.mapping_layers, mapping_lr_mul=_MAP_LR.value,
                   cross_attention_max_res=0, noise_injection=_NOISE.value)
   disc = Discriminator(resolution=32, channels=tuple(int(c) for c in _D_CHANNELS.value), cond_dim=cond_dim,
-                       noise_aware=False, downsample=_D_DOWN.value)
+                       noise_aware=_INSTANCE_NOISE.value, downsample=_D_DOWN.value)
+  dgc = shapes_config.get_config().diffusion_gan
+  from mmgan_jax.models import diffusion  # pylint: disable=g-import-not-at-top
+  ab_disc = jnp.asarray(diffusion.cosine_alpha_bar(1000))
+
+  def noisy(k, y, t_max):
+    """(y diffused to t, t) as the full model's D sees them; (y, None) without --instance_noise."""
+    if not _INSTANCE_NOISE.value:
+      return y, None
+    k_t, k_e = jax.random.split(k)
+    t = losses.sample_priority_t(k_t, (y.shape[0],), jnp.round(t_max).astype(jnp.int32))
+    return losses.diffuse(y, t, ab_disc, k_e, sigma=dgc.sigma), t
   b, z_dim = _BATCH.value, g.z_dim
   key = jax.random.PRNGKey(_SEED.value)
   gp = gen.init({'params': key, 'noise': key}, jnp.zeros((b, z_dim)), jnp.zeros((b, cond_dim)))['params']
-  dp = disc.init(jax.random.fold_in(key, 1), jnp.zeros((b, 32, 32, 3)), None, jnp.zeros((b, cond_dim)))['params']
+  t0_init = jnp.zeros((b,), jnp.int32) if _INSTANCE_NOISE.value else None
+  dp = disc.init(jax.random.fold_in(key, 1), jnp.zeros((b, 32, 32, 3)), t0_init, jnp.zeros((b, cond_dim)))['params']
   feat_dim = int(_D_CHANNELS.value[-1])
   dp = {'disc': dp, 'head': {'w': jax.random.normal(jax.random.fold_in(key, 2), (feat_dim, n_attr)) / feat_dim ** 0.5,
                              'b': jnp.zeros((n_attr,))}}
 
-  def disc_apply(dp, y, s):
-    return disc.apply({'params': dp['disc']}, y, None, s)
+  def disc_apply(dp, y, s, t=None):
+    return disc.apply({'params': dp['disc']}, y, t, s)
 
   def aux_ce(dp, feats, attrs):
     return sum(optax.softmax_cross_entropy_with_integer_labels(logits, attrs[:, i]).mean()
@@ -162,33 +181,44 @@ def main(argv):
   def generate(params, z, c, k):
     return gen.apply({'params': params}, z, c, noise=_NOISE.value, rngs={'noise': k})[0]
 
-  def d_step(gp, dp, opt_d, x, c, c_wrong, attrs, k, with_r1):
-    k_z, k_n = jax.random.split(k)
+  def d_step(gp, dp, opt_d, x, c, c_wrong, attrs, k, with_r1, t_max):
+    k_z, k_n, k_r, k_f = jax.random.split(k, 4)
     fake = jax.lax.stop_gradient(generate(gp, jax.random.normal(k_z, (b, z_dim)), c, k_n))
+    y_real, t_real = noisy(k_r, x, t_max)
+    y_fake, t_fake = noisy(k_f, fake, t_max)
 
     def loss_fn(dp):
-      d = lambda y, s: disc_apply(dp, y, s)[0]
-      real, real_aux = disc_apply(dp, x, c)
-      loss, aux = losses.d_logistic_loss(real, d(fake, c), d(x, c_wrong) if _MISMATCH.value else None,
-                                         _MISMATCH.value)
+      d = lambda y, s, t: disc_apply(dp, y, s, t)[0]
+      real, real_aux = disc_apply(dp, y_real, c, t_real)
+      loss, aux = losses.d_logistic_loss(real, d(y_fake, c, t_fake),
+                                         d(y_real, c_wrong, t_real) if _MISMATCH.value else None, _MISMATCH.value)
       if _AUX.value:
         loss = loss + _AUX.value * aux_ce(dp, real_aux['features'], attrs)
       if with_r1:
-        loss = loss + 0.5 * _R1.value * R1_INTERVAL * losses.r1_penalty(lambda y: d(y, c), x)[0]
+        loss = loss + 0.5 * _R1.value * R1_INTERVAL * losses.r1_penalty(lambda y: d(y, c, t_real), y_real)[0]
       return loss, aux
 
     (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(dp)
     updates, opt_d = tx_d.update(grads, opt_d, dp)
-    return optax.apply_updates(dp, updates), opt_d, aux
+    if _INSTANCE_NOISE.value:
+      t_max = losses.update_t_max(t_max, aux['r_sign'], target=dgc.target, step=dgc.step_size, t_lo=dgc.t_lo,
+                                  t_hi=dgc.t_hi)
+    return optax.apply_updates(dp, updates), opt_d, aux, t_max
 
-  def g_step(gp, dp, opt_g, ema, x, c, attrs, k, beta, s_raw):
-    k_z, k_n = jax.random.split(k)
+  def g_step(gp, dp, opt_g, ema, x, c, attrs, k, beta, s_raw, t_max):
+    k_z, k_n, k_d = jax.random.split(k, 3)
     z = jax.random.normal(k_z, (b, z_dim))
+    if _PAIRS.value:  # half the conditions, two samples each
+      h = b // 2
+      c, s_raw, attrs, x = (jnp.concatenate([v[:h], v[:h]]) for v in (c, s_raw, attrs, x))
 
     def loss_fn(gp):
       fake = generate(gp, z, c, k_n)
-      logits, aux = disc_apply(dp, fake, c)
+      y, t = noisy(k_d, fake, t_max)
+      logits, aux = disc_apply(dp, y, c, t)
       loss = _ADV.value * losses.g_nonsaturating_loss(logits)
+      if _PAIRS.value:
+        loss = loss + 0.01 * losses.mode_seeking_loss(fake[:b // 2], fake[b // 2:], z[:b // 2], z[b // 2:])[0]
       if _SEM.value:
         from mmgan_jax.models import mmgan  # pylint: disable=g-import-not-at-top
         s_img = mmgan.image_embedding(run_model, run_params, fake)
@@ -205,6 +235,7 @@ def main(argv):
     return gp, opt_g, losses.ema_update(ema, gp, beta)
 
   d_step = jax.jit(d_step, static_argnums=8)
+  t_max = jnp.zeros((), jnp.float32)
   g_step = jax.jit(g_step)
   sample = jax.jit(lambda params, c, k: generate(params, jax.random.normal(k, (c.shape[0], z_dim)), c,
                                                  jax.random.fold_in(k, 1)))
@@ -227,17 +258,17 @@ def main(argv):
     if _COND_FROM.value:
       c = jnp.asarray(train_s[idx])
       c_wrong = jnp.roll(c, 1, axis=0)
-    dp, opt_d, aux = d_step(gp, dp, opt_d, x, c, c_wrong, a, jax.random.fold_in(k, 0),
-                            step % R1_INTERVAL == 0)
+    dp, opt_d, aux, t_max = d_step(gp, dp, opt_d, x, c, c_wrong, a, jax.random.fold_in(k, 0),
+                                   step % R1_INTERVAL == 0, t_max)
     beta = losses.ema_decay(step * b, half_life_images=5_000, rampup=0.05, batch_size=b)
     s_raw = jnp.asarray(raw_train_s[idx]) if _COND_FROM.value else c
-    gp, opt_g, ema = g_step(gp, dp, opt_g, ema, x, c, a, jax.random.fold_in(k, 1), beta, s_raw)
+    gp, opt_g, ema = g_step(gp, dp, opt_g, ema, x, c, a, jax.random.fold_in(k, 1), beta, s_raw, t_max)
     if step % _EVERY.value == 0 or step == _STEPS.value:
       held_c = jnp.asarray(held_s) if _COND_FROM.value else one_hot(held_out)
       out = np.asarray(sample(ema, held_c, jax.random.PRNGKey(7)))
       acc = semantic_accuracy(out, held_out)
       print(f'step {step}  {time.time() - t0:.0f} s  D(real) {float(aux["real_logit_mean"]):+.2f}  '
-            f'D(fake) {float(aux["fake_logit_mean"]):+.2f}  '
+            f'D(fake) {float(aux["fake_logit_mean"]):+.2f}  T_max {float(t_max):.0f}  '
             + '  '.join(f'{name} {v:.3f}' for name, v in acc.items()), flush=True)
   from mmgan_jax.data import oracle  # pylint: disable=g-import-not-at-top
   pred = oracle.predict_attributes(out)

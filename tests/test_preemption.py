@@ -347,7 +347,7 @@ def test_sigterm_during_startup_exits_cleanly(tmp_path):
   run = Run(str(tmp_path / 'startup'), 'startup')
   try:
     # setup() creates the checkpoint manager after initialising the state, before the restore and the steps.
-    run.wait_for(lambda: 'CheckpointManager created' in run.log(), STARTUP_TIMEOUT_S,
+    run.wait_for(lambda: 'Checkpoints: ' in run.log(), STARTUP_TIMEOUT_S,
                  'set-up to reach the checkpointer')
     run.proc.send_signal(signal.SIGTERM)
     rc = run.wait(STARTUP_TIMEOUT_S)

@@ -291,6 +291,7 @@ def setup(config, workdir: str | None, *, devices=None, restore_step: int | None
   state, checkpointer, start_step = None, None, 0
   if workdir:
     checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_checkpoints)
+    log.info('Checkpoints: %s (saved steps: %s).', checkpointer.directory, checkpointer.all_steps() or 'none')
     if restore_step is not None and restore_step not in checkpointer.all_steps():
       raise FileNotFoundError(f'no checkpoint for step {restore_step} in {checkpointer.directory}; '
                               f'saved steps: {checkpointer.all_steps() or "none"}.')

@@ -142,7 +142,7 @@ def results_table(results: dict, path: str = '') -> str:
   for key, value in results.items():
     parts = key.split('/')
     if parts[-1] in _ATTRS and len(parts) >= 2:
-      setting = parts[0].replace('_to_', '→').replace('_', '+')
+      setting = parts[0].replace('_to_', '->').replace('_', '+')
       stage = ' '.join(parts[1:-1]).replace('pre_refine', 'before refinement')
       rows.setdefault(f'{setting} {stage}'.strip(), {})[parts[-1]] = value
   lines = []
@@ -157,7 +157,7 @@ def results_table(results: dict, path: str = '') -> str:
   for key in sorted(results):
     tail = key.rsplit('/', 1)[-1]
     if tail in ('BLEU-4', 'METEOR', 'R@1', 'fid', 'precision', 'recall') or key.startswith('fid'):
-      other.append(f'{key.replace("_to_", "→")} {results[key]:.4f}')
+      other.append(f'{key.replace("_to_", "->")} {results[key]:.4f}')
   if other:
     lines.append('')
     lines.extend('  '.join(other[i:i + 4]) for i in range(0, len(other), 4))

@@ -32,8 +32,8 @@ def test_results_table_rows_columns_and_pointer():
   lines = table.splitlines()
   assert 'N = 256' in lines[0]
   header = lines[1].split()
-  row = next(line for line in lines if line.startswith('text→image refined')).split()
+  row = next(line for line in lines if line.startswith('text->image refined')).split()
   assert row[header.index('shape') + 2] == '25.4' and row[header.index('mean') + 2] == '70.0'
-  assert any(line.startswith('text+audio→image before refinement') for line in lines)
-  assert 'image→text/BLEU-4 0.7184' in table and 'R@1 0.7188' in table and 'R@5' not in table
+  assert any(line.startswith('text+audio->image before refinement') for line in lines)
+  assert 'image->text/BLEU-4 0.7184' in table and 'R@1 0.7188' in table and 'R@5' not in table
   assert '1000 steps in 1127 s, 1.27 steps/s' in table and lines[-1] == 'All 14 numbers: W/eval_results.json'

@@ -143,8 +143,8 @@ def test_launcher_job_trains_checkpoints_and_evaluates_once(runs):
   assert 0.0 <= results['text_to_image/refined/mean'] <= 1.0 and 'image_to_text/BLEU-4' in results
   assert 'retrieval/text_to_image/R@1' in results
   # Both processes computed the same evaluation (each prints its results table: rows and metric lines).
-  printed = [[line for line in runs['logs'][f'train{i}'].splitlines() if '→' in line and 'R@1' in line
-              or line.startswith('text→image refined')] for i in range(worker.NUM_PROCESSES)]
+  printed = [[line for line in runs['logs'][f'train{i}'].splitlines() if '->' in line and 'R@1' in line
+              or line.startswith('text->image refined')] for i in range(worker.NUM_PROCESSES)]
   assert len(printed[0]) >= 2 and printed[0] == printed[1], printed
 
 

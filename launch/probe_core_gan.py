@@ -73,7 +73,8 @@ _INSTANCE_NOISE = flags.DEFINE_bool('instance_noise', False, "The full model's D
                                     '{1..T_max}, T_max adapting toward r_sign 0.6 (configs/common.py '
                                     'diffusion_gan: sigma 0.05, step 2, cap 500).')
 _PAIRS = flags.DEFINE_bool('pairs', False, "The full model's G step: half the batch's conditions, two samples each, "
-                           'with the MSGAN term at configs/shapes.py\'s 0.01.')
+                           'with the MSGAN term (--div).')
+_DIV = flags.DEFINE_float('div', 0.01, "With --pairs: the MSGAN term's weight (configs/shapes.py's loss.div).")
 
 R1_INTERVAL = 16
 
@@ -217,8 +218,8 @@ def main(argv):
       y, t = noisy(k_d, fake, t_max)
       logits, aux = disc_apply(dp, y, c, t)
       loss = _ADV.value * losses.g_nonsaturating_loss(logits)
-      if _PAIRS.value:
-        loss = loss + 0.01 * losses.mode_seeking_loss(fake[:b // 2], fake[b // 2:], z[:b // 2], z[b // 2:])[0]
+      if _PAIRS.value and _DIV.value:
+        loss = loss + _DIV.value * losses.mode_seeking_loss(fake[:b // 2], fake[b // 2:], z[:b // 2], z[b // 2:])[0]
       if _SEM.value:
         from mmgan_jax.models import mmgan  # pylint: disable=g-import-not-at-top
         s_img = mmgan.image_embedding(run_model, run_params, fake)

@@ -44,9 +44,19 @@ _D_CHANNELS = flags.DEFINE_list('d_channels', ['16', '32', '64', '128'], 'D chan
 _D_DOWN = flags.DEFINE_enum('d_downsample', 'stride', ['avg', 'max', 'stride'],
                             "D's downsampling (the configs' is 'stride').")
 _RECON = flags.DEFINE_float('recon', 0.0, 'Weight of the paired L1 fidelity term |G(z, c_i) - x_i| (0 = off).')
+_RECON_LOSS = flags.DEFINE_enum('recon_loss', 'l1', ['l1', 'l2'], "--recon's distance: mean |.| or mean (.)^2.")
+_G_CHANNELS = flags.DEFINE_list('g_channels', [], "G channels at 4, 8, 16, 32 px (default: configs/shapes.py's).")
+_MAP_LAYERS = flags.DEFINE_integer('mapping_layers', 0, "G's mapping layers (0: configs/shapes.py's).")
+_G_B1 = flags.DEFINE_float('g_b1', 0.0, "G's Adam beta1.")
+_G_ARCH = flags.DEFINE_enum('g_arch', 'skip', ['skip', 'resnet'], "G's architecture.")
+_XATTN = flags.DEFINE_integer('cross_attention_max_res', 0, 'G cross-attends at resolutions <= this to one token per '
+                              'attribute (its one-hot in the condition layout); one-hot conditions only.')
 _ADV = flags.DEFINE_float('adv', 1.0, "Weight of G's adversarial loss.")
 _AUX = flags.DEFINE_float('aux_cls', 0.0, 'AC-GAN: weight of an attribute classifier head on D features, '
                           'trained on reals, applied to fakes (0 = off).')
+_COND_REG = flags.DEFINE_float('cond_reg', 0.0, "Weight of D's condition regression (InfoGAN's Q for a continuous "
+                                'code): a linear head on D\'s features predicts the condition; D fits it on reals '
+                                '(mean squared error), G makes its samples\' prediction match their condition.')
 _CLASSIFY = flags.DEFINE_bool('classify', False, 'Instead of the GAN: train D (its features phi) and a linear head '
                                'per attribute with cross-entropy on REAL images, and print the held-out accuracy '
                                '(can D see the attributes at all, and how fast).')
@@ -129,9 +139,18 @@ def main(argv):
       train_s, held_s = (np.asarray(mmgan.whiten(x, mu, cov)) for x in (train_s, held_s))
 
   g = shapes_config.get_config().model.generator
-  gen = Generator(out_channels=3, resolution=32, cond_dim=cond_dim, channels=tuple(g.channels), z_dim=g.z_dim,
-                  w_dim=g.w_dim, mapping_layers=g.mapping_layers, mapping_lr_mul=_MAP_LR.value,
-                  cross_attention_max_res=0, noise_injection=_NOISE.value)
+  gen = Generator(out_channels=3, resolution=32, cond_dim=cond_dim,
+                  channels=tuple(int(v) for v in _G_CHANNELS.value) or tuple(g.channels), z_dim=g.z_dim,
+                  w_dim=g.w_dim, mapping_layers=_MAP_LAYERS.value or g.mapping_layers, mapping_lr_mul=_MAP_LR.value,
+                  cross_attention_max_res=_XATTN.value, noise_injection=_NOISE.value, architecture=_G_ARCH.value)
+  bounds = np.cumsum((0,) + shapes.NUM_CLASSES)
+
+  def tokens_of(c):
+    """(B, 4, n_attr): attribute i's slice of the one-hot condition, the rest zero (--cross_attention_max_res)."""
+    if not _XATTN.value:
+      return None
+    return jnp.stack([c * ((jnp.arange(c.shape[-1]) >= lo) & (jnp.arange(c.shape[-1]) < hi))
+                      for lo, hi in zip(bounds[:-1], bounds[1:])], axis=1)
   disc = Discriminator(resolution=32, channels=tuple(int(c) for c in _D_CHANNELS.value), cond_dim=cond_dim,
                        noise_aware=_INSTANCE_NOISE.value, downsample=_D_DOWN.value)
   dgc = shapes_config.get_config().diffusion_gan
@@ -147,12 +166,18 @@ def main(argv):
     return losses.diffuse(y, t, ab_disc, k_e, sigma=dgc.sigma), t
   b, z_dim = _BATCH.value, g.z_dim
   key = jax.random.PRNGKey(_SEED.value)
-  gp = gen.init({'params': key, 'noise': key}, jnp.zeros((b, z_dim)), jnp.zeros((b, cond_dim)))['params']
+  gp = gen.init({'params': key, 'noise': key}, jnp.zeros((b, z_dim)), jnp.zeros((b, cond_dim)),
+                tokens_of(jnp.zeros((b, cond_dim))))['params']
   t0_init = jnp.zeros((b,), jnp.int32) if _INSTANCE_NOISE.value else None
   dp = disc.init(jax.random.fold_in(key, 1), jnp.zeros((b, 32, 32, 3)), t0_init, jnp.zeros((b, cond_dim)))['params']
   feat_dim = int(_D_CHANNELS.value[-1])
   dp = {'disc': dp, 'head': {'w': jax.random.normal(jax.random.fold_in(key, 2), (feat_dim, n_attr)) / feat_dim ** 0.5,
-                             'b': jnp.zeros((n_attr,))}}
+                             'b': jnp.zeros((n_attr,))},
+        'q': {'w': jax.random.normal(jax.random.fold_in(key, 3), (feat_dim, cond_dim)) / feat_dim ** 0.5,
+              'b': jnp.zeros((cond_dim,))}}
+
+  def cond_reg_loss(dp, feats, c):
+    return jnp.mean(jnp.sum(jnp.square(feats @ dp['q']['w'] + dp['q']['b'] - c), -1))
 
   def disc_apply(dp, y, s, t=None):
     return disc.apply({'params': dp['disc']}, y, t, s)
@@ -170,7 +195,7 @@ def main(argv):
           'head': {'w': jax.random.normal(jax.random.fold_in(key, 2), (i.width, n_attr)) / i.width ** 0.5,
                    'b': jnp.zeros((n_attr,))}}
     disc_apply = lambda dp, y, s: (None, {'features': enc.apply({'params': dp['disc']}, y)[0].mean(1)})
-  tx = optax.adam(_LR.value, b1=0.0, b2=0.99)
+  tx = optax.adam(_LR.value, b1=_G_B1.value, b2=0.99)
   tx_d = optax.adam(_D_LR.value or _LR.value, b1=0.0, b2=0.99)
   if _CLASSIFY.value and _NET.value != 'd':  # the optimiser the encoders train with (config.optim.rep_*)
     o = shapes_config.get_config().optim
@@ -180,7 +205,7 @@ def main(argv):
     return classify(dp, opt_d, tx_d, disc_apply, aux_ce, images, labels, spec, b)
 
   def generate(params, z, c, k):
-    return gen.apply({'params': params}, z, c, noise=_NOISE.value, rngs={'noise': k})[0]
+    return gen.apply({'params': params}, z, c, tokens_of(c), noise=_NOISE.value, rngs={'noise': k})[0]
 
   def d_step(gp, dp, opt_d, x, c, c_wrong, attrs, k, with_r1, t_max):
     k_z, k_n, k_r, k_f = jax.random.split(k, 4)
@@ -195,6 +220,8 @@ def main(argv):
                                          d(y_real, c_wrong, t_real) if _MISMATCH.value else None, _MISMATCH.value)
       if _AUX.value:
         loss = loss + _AUX.value * aux_ce(dp, real_aux['features'], attrs)
+      if _COND_REG.value:
+        loss = loss + _COND_REG.value * cond_reg_loss(dp, real_aux['features'], c)
       if with_r1:
         loss = loss + 0.5 * _R1.value * R1_INTERVAL * losses.r1_penalty(lambda y: d(y, c, t_real), y_real)[0]
       return loss, aux
@@ -226,8 +253,11 @@ def main(argv):
         loss = loss + _SEM.value * losses.info_nce(s_img, s_raw, run_params['fusion']['logit_scale'])[0]
       if _AUX.value:
         loss = loss + _AUX.value * aux_ce(dp, aux['features'], attrs)
+      if _COND_REG.value:
+        loss = loss + _COND_REG.value * cond_reg_loss(dp, aux['features'], c)
       if _RECON.value:
-        loss = loss + _RECON.value * jnp.mean(jnp.abs(fake - x))
+        err = fake - x
+        loss = loss + _RECON.value * jnp.mean(jnp.abs(err) if _RECON_LOSS.value == 'l1' else jnp.square(err))
       return loss
 
     grads = jax.grad(loss_fn)(gp)

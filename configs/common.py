@@ -111,7 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
   # conv blurs 6-10 px objects; a D built that way classified the shapes of real images at 0.54 after 800
   # supervised steps, strided at 0.90 (docs/training.md, "Why D could not see shapes").
   m.discriminator = dict(channels=(16, 32, 64, 128), noise_aware=True, projection=True, mbstd_group_size=4,
-                         num_timesteps=1000, downsample='stride')
+                         num_timesteps=1000, downsample='stride', cond_head=False)
   m.text_decoder = dict(width=64, depth=2, num_heads=4)
   m.codec = dict(type='identity', channels=(64, 128), latent_channels=4, num_res_blocks=1, num_groups=16,
                  checkpoint='')  # kl: path of a stage-1 codec checkpoint (launch/train_codec.py)
@@ -142,6 +142,7 @@ def get_config() -> ml_collections.ConfigDict:
       label_smoothing=0.1,
       denoise=1.0,  # refiner denoising loss on real latents
       mismatch=1.0,  # matching-aware pairs in D
+      cond_reg=1.0,  # D's condition regression (model.discriminator.cond_head): D on reals, G on its samples
       r1_gamma=0.01,  # StyleGAN2-ADA's value for 32x32 (CIFAR-10); every config here is 32x32 (pixels or latents)
       r1_interval=16,
   ))

@@ -329,6 +329,9 @@ def _model(p: _Checker, modalities: tuple[str, ...] | None, latent: int | None) 
   p.flag(f'{d}.noise_aware')
   p.flag(f'{d}.projection')
   p.choice(f'{d}.downsample', generator.DOWNSAMPLE_MODES)
+  if p.flag(f'{d}.cond_head') and p.get('loss.cond_reg', 0) == 0:
+    p.add(f'{d}.cond_head', True, 'the condition head trains on nothing with loss.cond_reg=0: set loss.cond_reg > 0, '
+          'or cond_head=False.')
 
   r = 'model.refiner'
   if p.flag(f'{r}.enabled'):
@@ -518,7 +521,7 @@ def _training(p: _Checker) -> None:
           'NaN (to test the NaN stop); () is off.')
   p.real('modality_dropout', 0, 1, why='probability that one of two condition sources is dropped')
 
-  for w in ('adv', 'sem', 'sem_caption', 'div', 'align', 'caption', 'denoise', 'mismatch', 'r1_gamma'):
+  for w in ('adv', 'sem', 'sem_caption', 'div', 'align', 'caption', 'denoise', 'mismatch', 'r1_gamma', 'cond_reg'):
     p.real(f'loss.{w}', 0, why='a loss weight; 0 switches the term off')
   p.flag('loss.adaptive')
   p.real('loss.adaptive_max', 0, lo_open=True)

@@ -173,3 +173,19 @@ def test_downsample_modes_match_their_definitions():
   np.testing.assert_allclose(down['avg'], D.EqualConv(5, 3).apply(params, nn.avg_pool(x, (2, 2), (2, 2))),
                              rtol=1e-5, atol=1e-5)
   assert not np.allclose(down['stride'], down['avg'])
+
+
+def test_condition_head_reads_the_image_alone_and_trains():
+  """cond_head: a (B, cond_dim) prediction of s from phi, independent of the s it is given; every head parameter
+  gets a gradient from the regression loss, and the head leaves the logits of the same weights unchanged."""
+  disc = D.Discriminator(RES, CHANNELS, COND_DIM, t_embed_dim=16, cond_head=True)
+  _, params, apply = _build(disc)
+  y, t, s = _inputs()
+  logits, aux = apply(params, y, t, s)
+  assert aux['cond_pred'].shape == (4, COND_DIM) and aux['cond_pred'].dtype == jnp.float32
+  np.testing.assert_array_equal(aux['cond_pred'], apply(params, y, t, jnp.roll(s, 1, axis=0))[1]['cond_pred'])
+  plain = D.Discriminator(RES, CHANNELS, COND_DIM, t_embed_dim=16)
+  head_free = {'params': {k: v for k, v in params['params'].items() if k != 'cond_head'}}
+  np.testing.assert_array_equal(logits, jax.jit(plain.apply)(head_free, y, t, s)[0])
+  grads = jax.grad(lambda p: jnp.mean(jnp.square(disc.apply(p, y, t, s)[1]['cond_pred'] - s)))(params)
+  assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads['params']['cond_head']))

@@ -264,3 +264,12 @@ def test_all_finite_flags_nan_and_inf():
     tree = dict(good, b=[jnp.zeros((2, 2), jnp.bfloat16).at[1, 0].set(bad), jnp.arange(4)])
     assert not bool(fn(tree))
   assert not bool(fn(dict(good, c=float('nan'))))
+
+
+def test_condition_regression_is_the_mean_squared_error_with_no_gradient_into_the_condition():
+  rng = np.random.default_rng(0)
+  pred, cond = rng.normal(size=(5, 7)).astype(np.float32), rng.normal(size=(5, 7)).astype(np.float32)
+  np.testing.assert_allclose(L.condition_regression(pred, cond), np.mean((pred - cond) ** 2), rtol=1e-6)
+  g_pred, g_cond = jax.grad(L.condition_regression, argnums=(0, 1))(jnp.asarray(pred), jnp.asarray(cond))
+  np.testing.assert_allclose(g_pred, 2 * (pred - cond) / pred.size, rtol=1e-5)
+  assert float(jnp.max(jnp.abs(g_cond))) == 0.0

@@ -248,6 +248,7 @@ def test_nonfinite_update_is_skipped_and_counted(smoke):
      lambda p: not any('attn' in k for k in p['generator']['synthesis_network'])),
     ({'model.discriminator.noise_aware': False}, lambda p: not any('temb' in k for k in p['discriminator'])),
     ({'model.discriminator.projection': False}, lambda p: 'embed_s' not in p['discriminator']),
+    ({'model.discriminator.cond_head': True}, lambda p: 'cond_head' in p['discriminator']),
     ({'model.modalities': ('text', 'image')}, lambda p: 'audio_encoder' not in p),
     ({'model.modalities': ('image', 'audio')}, lambda p: 'text_encoder' not in p and 'text_decoder' not in p),
 ])
@@ -268,16 +269,25 @@ def test_component_switches_change_the_model(overrides, check):
 
 
 def test_loss_switches_change_the_step():
-  """Adaptive weighting off -> lambda 1; plain D -> no instance noise (T_max stays 0); sem/align off -> no terms."""
-  config = smoke_config(**{'loss.adaptive': False, 'model.discriminator.noise_aware': False, 'loss.sem': 0.0,
-                           'loss.align': 0.0, 'diffusion_gan.t_max_init': 10.0, 'refine.num_steps': 0})
+  """Adaptive weighting off -> lambda 1; plain D -> no instance noise (T_max stays 0); sem/align off -> no terms;
+  D's condition head -> D fits it and G's gradient carries the regression term (loss.cond_reg)."""
+  switches = {'loss.adaptive': False, 'model.discriminator.noise_aware': False, 'loss.sem': 0.0, 'loss.align': 0.0,
+              'diffusion_gan.t_max_init': 10.0, 'refine.num_steps': 0, 'model.discriminator.cond_head': True}
+  config = smoke_config(**switches)
   s = one_device_setup(config)
   state, metrics, _ = run(s, s.state, 2)
   for m in metrics:
     assert float(m['g/lambda_adv']) == 1.0
     assert float(m['g/sem_loss']) == 0.0
     assert 'align/loss' not in m
+    assert float(m['d/cond_reg']) > 0 and float(m['g/cond_reg']) > 0
   assert float(state.adaptive['t_max']) == 10.0  # not adapted when D is not noise-aware
+  head = lambda st: host(st.params['discriminator']['cond_head'])
+  assert not np.allclose(head(state)['kernel'], head(s.state)['kernel'])  # only the regression trains it
+  batch = trainer.next_batch(s)
+  g_grads = lambda c: host(jax.jit(make_steps(s.model, c, None, None).g_grads)(state, batch)['generator'])
+  with_term, without = g_grads(config), g_grads(smoke_config(**switches, **{'loss.cond_reg': 0.0}))
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(with_term), jax.tree.leaves(without)))
   # Adaptive on (the default) gives a data-dependent lambda.
   smoke = one_device_setup(smoke_config())
   _, m2, _ = run(smoke, smoke.state, 1)

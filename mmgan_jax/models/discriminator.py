@@ -15,6 +15,12 @@ Layout for resolution R and channels (c_R, c_{R/2}, ..., c_4):
   epilogue at 4x4: minibatch stddev (+1 channel), conv3x3, lrelu, flatten,
       phi = lrelu(EqualDense(F)(flat) + dense(temb)), F = c_4
   logit = EqualDense(1)(phi) [+ sum(EqualDense(F)(s) * phi, -1) if projection]
+  [cond_pred = EqualDense(cond_dim)(phi) if cond_head]
+
+With cond_head=True a linear head on phi also predicts the condition s (aux['cond_pred']): InfoGAN's Q network for
+a continuous code (Chen et al. 2016), the label-free form of AC-GAN's classifier (Odena et al. 2017). D fits it
+on real images and G is asked to make its samples' prediction match their condition (train/steps.py): D's
+strided features see shape far better than the image encoder behind the semantic loss (docs/training.md).
 
 Downsampling (`downsample`, see `EqualConv`) is 'avg' (a 2x2 average pool, then a stride-1 conv: StyleGAN2's
 low-pass), 'max' (a 2x2 max pool, then the conv) or 'stride' (a stride-2 conv, no low-pass; the configs' choice:
@@ -99,6 +105,7 @@ class Discriminator(nn.Module):
     mbstd_group_size: minibatch-stddev group size (0 disables; reduced to a divisor of the batch).
     t_embed_dim: width of the sinusoidal timestep embedding and its MLP.
     downsample: 'avg', 'max' or 'stride' (see the module docstring).
+    cond_head: also predict s from phi (aux['cond_pred'], (B, cond_dim) float32).
   """
 
   resolution: int
@@ -109,6 +116,7 @@ class Discriminator(nn.Module):
   mbstd_group_size: int = 4
   t_embed_dim: int = 64
   downsample: str = 'avg'
+  cond_head: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -152,4 +160,7 @@ class Discriminator(nn.Module):
         raise ValueError(f'Discriminator: s has {s.shape[-1]} features, expected cond_dim={self.cond_dim}.')
       embed = EqualDense(feat_dim, name='embed_s', **kw)(s.astype(self.dtype))
       logits = logits + jnp.sum(embed.astype(jnp.float32) * phi.astype(jnp.float32), axis=-1)
-    return logits, {'features': phi.astype(jnp.float32)}
+    aux = {'features': phi.astype(jnp.float32)}
+    if self.cond_head:
+      aux['cond_pred'] = EqualDense(self.cond_dim, name='cond_head', **kw)(phi).astype(jnp.float32)
+    return logits, aux

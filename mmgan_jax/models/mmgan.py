@@ -154,7 +154,8 @@ def build_model(cfg, *, image_size: int, vocab_size: int, max_text_len: int, sam
   d = cfg.discriminator
   disc = Discriminator(resolution=latent[0], channels=tuple(d.channels), cond_dim=cfg.embed_dim,
                        noise_aware=d.noise_aware, projection=d.projection, mbstd_group_size=d.mbstd_group_size,
-                       downsample=d.downsample, name='discriminator', **kw)
+                       downsample=d.downsample, cond_head=bool(getattr(d, 'cond_head', False)),
+                       name='discriminator', **kw)
   dec = None
   if 'text' in modalities:
     t = cfg.text_decoder
@@ -413,6 +414,15 @@ def refine(model: Model, ref_params: Params | None, x: Array, cond: Mapping[str,
 def discriminate(model: Model, disc_params: Params, y: Array, t: Array, cond: Array) -> Array:
   apply = lambda p, y, t, c: model.discriminator.apply({'params': p}, y, t, c)[0]
   return checkpointed(model, apply)(disc_params, y, t, cond).astype(jnp.float32)
+
+
+def discriminate_with_condition(model: Model, disc_params: Params, y: Array, t: Array, cond: Array
+                                ) -> tuple[Array, Array]:
+  """(logits (B,), D's prediction of the condition (B, E)) from one forward pass; needs cond_head=True."""
+  def apply(p, y, t, c):
+    logits, aux = model.discriminator.apply({'params': p}, y, t, c)
+    return logits.astype(jnp.float32), aux['cond_pred']
+  return checkpointed(model, apply)(disc_params, y, t, cond)
 
 
 def caption_logits(model: Model, dec_params: Params, ids: Array, cond: Mapping[str, Array], *,

@@ -79,6 +79,13 @@ def g_nonsaturating_loss(fake_logits: Array) -> Array:
   return jnp.mean(jax.nn.softplus(-_f32(fake_logits)))
 
 
+def condition_regression(pred: Array, cond: Array) -> Array:
+  """Mean squared error per condition dimension between D's prediction of the condition and the condition:
+  InfoGAN's Q loss for a continuous code (a unit-variance Gaussian's negative log-likelihood, up to constants
+  and a 1/E factor). About 1 for a zero prediction of whitened conditions (model.whiten_condition)."""
+  return jnp.mean(jnp.square(_f32(pred) - jax.lax.stop_gradient(_f32(cond))))
+
+
 def r1_penalty(d_fn: Callable[..., Array], y: Array, *args: Any) -> tuple[Array, Array]:
   """R1 = E_b ||grad_y D(y_b)||^2 (squared norm summed over all non-batch dims, mean over the batch).
 

@@ -126,6 +126,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   sem_caption_on = model.text_decoder is not None and lc.sem_caption > 0
   semantic_on = lc.sem > 0 or lc.div > 0 or sem_caption_on
   adaptive_on = bool(lc.adaptive) and semantic_on and lc.adv > 0
+  cond_reg_on = model.discriminator.cond_head and lc.cond_reg > 0
   pairs = list(itertools.combinations(model.modalities, 2))
   pad_id = model.pad_id
   accum = int(getattr(config.optim, 'grad_accum', 1))
@@ -196,10 +197,16 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
 
     def loss_fn(dp):
       d = lambda y, t, s: mmgan.discriminate(model, dp, y, t, s)
-      real = d(y_real, t_real, c)
+      if cond_reg_on:
+        real, real_pred = mmgan.discriminate_with_condition(model, dp, y_real, t_real, c)
+      else:
+        real = d(y_real, t_real, c)
       fake = d(y_fake, t_fake, c)
       mismatch = d(y_real, t_real, c_mismatch) if lc.mismatch > 0 else None
       loss, aux = losses.d_logistic_loss(real, fake, mismatch, mismatch_weight=lc.mismatch)
+      if cond_reg_on:  # D learns to read the condition off real images (InfoGAN's Q)
+        aux['cond_reg'] = losses.condition_regression(real_pred, c)
+        loss = loss + lc.cond_reg * aux['cond_reg']
       if with_r1:
         penalty, _ = losses.r1_penalty(lambda y: d(y, t_real, c), y_real)
         loss = loss + 0.5 * lc.r1_gamma * lc.r1_interval * penalty
@@ -312,6 +319,12 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       logits = mmgan.discriminate(model, frozen['discriminator'], diffuse(noise_key, xr, t), t, gan_cond2['cond'])
       return losses.g_nonsaturating_loss(logits)
 
+    def adv_and_cond_fn(xr):
+      """One D pass: the adversarial loss and D's condition regression on the samples (cond_head)."""
+      logits, pred = mmgan.discriminate_with_condition(model, frozen['discriminator'], diffuse(noise_key, xr, t),
+                                                       t, gan_cond2['cond'])
+      return losses.g_nonsaturating_loss(logits), lc.cond_reg * losses.condition_regression(pred, gan_cond2['cond'])
+
     def sem_fn(xr):
       zero = jnp.zeros((), jnp.float32)
       if lc.sem <= 0 and not sem_caption_on:
@@ -339,7 +352,13 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       l, d = losses.mode_seeking_loss(xx[:b], xx[b:], z[:b], z[b:])
       return lc.div * l, jnp.mean(d)
 
-    adv, ct_adv = jax.value_and_grad(adv_fn)(x_ref)
+    if cond_reg_on:
+      (adv, cond_reg), vjp_d = jax.vjp(adv_and_cond_fn, x_ref)
+      one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
+      (ct_adv,), (ct_cond,) = vjp_d((one, zero)), vjp_d((zero, one))
+    else:
+      adv, ct_adv = jax.value_and_grad(adv_fn)(x_ref)
+      cond_reg, ct_cond = jnp.zeros((), jnp.float32), None
     (sem, (sem_acc, sem_cap)), ct_sem = jax.value_and_grad(sem_fn, has_aux=True)(x_ref)
     (div, div_d), ct_div = jax.value_and_grad(div_fn, has_aux=True)(x)
     # Pull both cotangents back through R. The adaptive weight needs each loss's gradient at G's last layer
@@ -347,6 +366,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     # cheap, so the full backward through G runs once, on the weighted sum of the cotangents.
     (ct_x_adv,), (ct_x_sem,) = vjp_r(ct_adv), vjp_r(ct_sem)
     ct_x_sem = ct_x_sem + ct_div
+    ct_x_cond = vjp_r(ct_cond)[0] if cond_reg_on else 0.0  # weighted by loss.cond_reg, not by lambda
     if adaptive_on:
       gen_params = state.params['generator']
 
@@ -357,14 +377,15 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       lam = losses.adaptive_weight(vjp_last(ct_x_sem)[0], vjp_last(ct_x_adv)[0], max_weight=lc.adaptive_max)
     else:
       lam = jnp.ones((), jnp.float32)
-    (gen_grads,) = vjp_g(lc.adv * lam * ct_x_adv + ct_x_sem)
+    (gen_grads,) = vjp_g(lc.adv * lam * ct_x_adv + ct_x_sem + ct_x_cond)
 
     grads = dict(rep_grads, generator=gen_grads)
     metrics = dict(terms)
     if sem_caption_on:
       metrics['g/sem_caption_loss'] = sem_cap
     metrics.update({'g/adv_loss': adv, 'g/sem_loss': sem, 'g/sem_acc': sem_acc, 'g/div_loss': div,
-                    'g/div_distance': div_d, 'g/lambda_adv': lam, 'g/total': lc.adv * lam * adv + sem + div,
+                    'g/div_distance': div_d, 'g/lambda_adv': lam, 'g/cond_reg': cond_reg,
+                    'g/total': lc.adv * lam * adv + sem + div + cond_reg,
                     'rep/total': rep_loss})
     return grads, lam, metrics
 

@@ -10,6 +10,7 @@ component has a switch here (DESIGN.md "losses" and "adaptive" rows), so an abla
   contrastive off           --config.loss.align=0 --config.loss.sem=0
   adaptive weighting off    --config.loss.adaptive=False --config.diffusion_gan.adaptive=False
   a modality off            --config.model.modalities="('image','text')"      (image is required)
+  D's condition head on     --config.model.discriminator.cond_head=True [--config.loss.cond_reg=W]  (off by default)
 """
 
 from __future__ import annotations

@@ -316,14 +316,12 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     noise_key = ks[8]
 
     def adv_fn(xr):
-      logits = mmgan.discriminate(model, frozen['discriminator'], diffuse(noise_key, xr, t), t, gan_cond2['cond'])
-      return losses.g_nonsaturating_loss(logits)
-
-    def adv_and_cond_fn(xr):
-      """One D pass: the adversarial loss and D's condition regression on the samples (cond_head)."""
-      logits, pred = mmgan.discriminate_with_condition(model, frozen['discriminator'], diffuse(noise_key, xr, t),
-                                                       t, gan_cond2['cond'])
-      return losses.g_nonsaturating_loss(logits), lc.cond_reg * losses.condition_regression(pred, gan_cond2['cond'])
+      """One D pass: the adversarial loss and (cond_head) D's weighted condition regression on the samples."""
+      y, c = diffuse(noise_key, xr, t), gan_cond2['cond']
+      if not cond_reg_on:
+        return losses.g_nonsaturating_loss(mmgan.discriminate(model, frozen['discriminator'], y, t, c)), jnp.zeros(())
+      logits, pred = mmgan.discriminate_with_condition(model, frozen['discriminator'], y, t, c)
+      return losses.g_nonsaturating_loss(logits), lc.cond_reg * losses.condition_regression(pred, c)
 
     def sem_fn(xr):
       zero = jnp.zeros((), jnp.float32)
@@ -352,13 +350,9 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       l, d = losses.mode_seeking_loss(xx[:b], xx[b:], z[:b], z[b:])
       return lc.div * l, jnp.mean(d)
 
-    if cond_reg_on:
-      (adv, cond_reg), vjp_d = jax.vjp(adv_and_cond_fn, x_ref)
-      one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
-      (ct_adv,), (ct_cond,) = vjp_d((one, zero)), vjp_d((zero, one))
-    else:
-      adv, ct_adv = jax.value_and_grad(adv_fn)(x_ref)
-      cond_reg, ct_cond = jnp.zeros((), jnp.float32), None
+    (adv, cond_reg), vjp_d = jax.vjp(adv_fn, x_ref)
+    one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
+    (ct_adv,) = vjp_d((one, zero))
     (sem, (sem_acc, sem_cap)), ct_sem = jax.value_and_grad(sem_fn, has_aux=True)(x_ref)
     (div, div_d), ct_div = jax.value_and_grad(div_fn, has_aux=True)(x)
     # Pull both cotangents back through R. The adaptive weight needs each loss's gradient at G's last layer
@@ -366,7 +360,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     # cheap, so the full backward through G runs once, on the weighted sum of the cotangents.
     (ct_x_adv,), (ct_x_sem,) = vjp_r(ct_adv), vjp_r(ct_sem)
     ct_x_sem = ct_x_sem + ct_div
-    ct_x_cond = vjp_r(ct_cond)[0] if cond_reg_on else 0.0  # weighted by loss.cond_reg, not by lambda
+    ct_x_cond = vjp_r(vjp_d((zero, one))[0])[0] if cond_reg_on else 0.0  # weighted by loss.cond_reg, not lambda
     if adaptive_on:
       gen_params = state.params['generator']
 

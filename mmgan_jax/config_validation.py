@@ -290,6 +290,7 @@ def _model(p: _Checker, modalities: tuple[str, ...] | None, latent: int | None) 
   p.integer('model.width', 1)
   p.integer('model.embed_dim', 1)
   p.flag('model.whiten_condition')
+  p.real('model.whiten_eps', 0.0, 1.0, lo_open=True, why='relative to the largest eigenvalue')
   mods = modalities or ()
   if 'text' in mods:
     _transformer(p, 'model.text_encoder')

@@ -99,6 +99,7 @@ BAD = [
      'allowed here: 0'),
     ({'model.discriminator.cond_head': True, 'loss.cond_reg': 0.0}, 1, 'config.model.discriminator.cond_head',
      'loss.cond_reg > 0'),
+    ({'model.whiten_eps': 0.0}, 1, 'config.model.whiten_eps', '(0.0, 1.0]'),
     ({'log_every': 0}, 1, 'config.log_every', 'an integer >= 1'),
     ({'checkpoint_every': -3}, 1, 'config.checkpoint_every', 'an integer >= 1'),
     ({'data.max_text_len': 1}, 1, 'config.data.max_text_len', 'an integer >= 2'),

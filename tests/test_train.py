@@ -77,6 +77,13 @@ def test_condition_whitening_statistics_and_transform(smoke):
   out = mmgan.gan_condition(model, stats, cond)
   assert out['tokens'] is cond['tokens'] and not np.allclose(out['cond'], cond['cond'])
   assert mmgan.gan_condition(dataclasses.replace(model, whiten_condition=False), stats, cond)['cond'] is cond['cond']
+  # model.whiten_eps floors the eigenvalues: a direction with variance far below eps * the largest keeps a
+  # variance of about its own over (eps * the largest), so weak directions are amplified less.
+  cov = np.cov(s, rowvar=False)
+  floored = mmgan.gan_condition(dataclasses.replace(model, whiten_eps=0.1), {'cond_mean': s.mean(0),
+                                                                            'cond_cov': cov}, {'cond': s})['cond']
+  weakest = np.asarray(floored) @ basis[:, -1]  # the 0.02-scale direction: variance 4e-4 / (0.1 * ~1) ~ 4e-3
+  assert np.var(weakest) < 0.01 < np.var(np.asarray(exact) @ basis[:, -1])
 
 def test_gradients_reach_every_component(smoke):
   """Every trainable leaf gets a nonzero gradient from the losses meant to reach it."""

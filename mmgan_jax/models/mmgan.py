@@ -65,6 +65,7 @@ class Model:
   frozen_encoders: tuple[str, ...] = ()  # encoders with train.mode='frozen': no gradient is even computed
   remat: str = 'none'  # one of REMAT
   whiten_condition: bool = False  # G and D read the condition vector ZCA-whitened (see `gan_condition`)
+  whiten_eps: float = 1e-3  # the whitening's eigenvalue floor, relative to the largest eigenvalue
 
   @property
   def generate_sources(self) -> tuple[str, ...]:
@@ -168,7 +169,8 @@ def build_model(cfg, *, image_size: int, vocab_size: int, max_text_len: int, sam
       alpha_bar_disc=diffusion.cosine_alpha_bar(d.num_timesteps),
       max_text_len=max_text_len, vocab_size=vocab_size, pad_id=pad_id, frozen_encoders=frozen,
       remat=_check_remat(getattr(cfg, 'remat', 'none')),
-      whiten_condition=bool(getattr(cfg, 'whiten_condition', False)))
+      whiten_condition=bool(getattr(cfg, 'whiten_condition', False)),
+      whiten_eps=float(getattr(cfg, 'whiten_eps', WHITEN_EPS)))
 
 
 def _check_remat(remat: str) -> str:
@@ -326,7 +328,7 @@ def image_semantics(model: Model, params: Mapping[str, Params], images: Array, *
 # in TrainState.adaptive (checkpointed), so evaluation and sampling whiten exactly as training last did.
 
 WHITEN_DECAY = 0.99  # per D step: a half-life of ~70 iterations
-WHITEN_EPS = 1e-3  # eigenvalue floor, relative to the largest eigenvalue
+WHITEN_EPS = 1e-3  # eigenvalue floor, relative to the largest eigenvalue (config.model.whiten_eps)
 
 
 def condition_stats_init(embed_dim: int) -> dict[str, Array]:
@@ -358,7 +360,7 @@ def gan_condition(model: Model, adaptive: Mapping[str, Array], cond: Mapping[str
   the semantic loss and the captioner keep the unit-norm s)."""
   if not model.whiten_condition:
     return dict(cond)
-  return dict(cond, cond=whiten(cond['cond'], adaptive['cond_mean'], adaptive['cond_cov']))
+  return dict(cond, cond=whiten(cond['cond'], adaptive['cond_mean'], adaptive['cond_cov'], eps=model.whiten_eps))
 
 
 def to_latent(model: Model, codec_params: Params, latent_scale: Array, images: Array) -> Array:

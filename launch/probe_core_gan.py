@@ -19,7 +19,9 @@ same of the image encoder behind the semantic losses (docs/training.md, "The cap
 
 conditions G and D on a trained run's frozen text conditions instead of the labels (optionally whitened as
 model.whiten_condition does): how much the learned condition itself slows the core (docs/training.md,
-"Whitening the condition").
+"Whitening the condition"). --cond_mix draws each example's condition from its text, its audio or both, as the
+full model's modality dropout does; --whiten_eps sets the whitening's eigenvalue floor (docs/training.md,
+"Conditions from three sources").
 """
 
 import os
@@ -82,6 +84,11 @@ _INSTANCE_NOISE = flags.DEFINE_bool('instance_noise', False, "The full model's D
                                     'noise-aware and reads real and fake images diffused to t ~ p(t) ∝ t on '
                                     '{1..T_max}, T_max adapting toward r_sign 0.6 (configs/common.py '
                                     'diffusion_gan: sigma 0.05, step 2, cap 500).')
+_MIX = flags.DEFINE_bool('cond_mix', False, "With --cond_from: each example's condition comes from its text alone, "
+                         'its audio alone or both (1/4, 1/4, 1/2: what modality_dropout 0.5 gives the full model), '
+                         'redrawn every step; held-out samples still use text alone.')
+_WHITEN_EPS = flags.DEFINE_float('whiten_eps', 1e-3, "--cond_whiten's eigenvalue floor, relative to the largest "
+                                  "eigenvalue (models/mmgan.py's WHITEN_EPS by default).")
 _PAIRS = flags.DEFINE_bool('pairs', False, "The full model's G step: half the batch's conditions, two samples each, "
                            'with the MSGAN term (--div).')
 _DIV = flags.DEFINE_float('div', 0.01, "With --pairs: the MSGAN term's weight (configs/shapes.py's loss.div).")
@@ -125,18 +132,24 @@ def main(argv):
   if _COND_FROM.value:  # the trained run's frozen conditions, looked up by example index
     rng_cap = np.random.default_rng(_SEED.value + 1)
     run_model, run_params = load_run(_COND_FROM.value)
-    train_s = learned_conditions(_COND_FROM.value, [e['captions'][rng_cap.integers(len(e['captions']))]
-                                                    for e in train])
+    train_caps = [e['captions'][rng_cap.integers(len(e['captions']))] for e in train]
+    train_s = learned_conditions(_COND_FROM.value, train_caps)
+    if _MIX.value:  # (N, 3, E): text alone, audio alone, both
+      train_audio = np.stack([e['audio'] for e in train])
+      train_s = np.stack([train_s, learned_conditions(_COND_FROM.value, None, audio=train_audio),
+                          learned_conditions(_COND_FROM.value, train_caps, audio=train_audio)], axis=1)
     held_s = learned_conditions(_COND_FROM.value, [shapes.make_example(spec, 0, 'test', i)['captions'][0]
                                                    for i in range(256)])
     cond_dim = train_s.shape[-1]
     raw_train_s = train_s
     if _STATS.value:
-      return print_condition_stats(train_s, labels)
+      return print_condition_stats(train_s[:, 0] if _MIX.value else train_s, labels)
     if _WHITEN.value:
       from mmgan_jax.models import mmgan  # pylint: disable=g-import-not-at-top
-      mu, cov = train_s.mean(0), np.cov(train_s, rowvar=False)
-      train_s, held_s = (np.asarray(mmgan.whiten(x, mu, cov)) for x in (train_s, held_s))
+      flat = train_s.reshape(-1, cond_dim)
+      mu, cov = flat.mean(0), np.cov(flat, rowvar=False)
+      train_s = np.asarray(mmgan.whiten(flat, mu, cov, eps=_WHITEN_EPS.value)).reshape(train_s.shape)
+      held_s = np.asarray(mmgan.whiten(held_s, mu, cov, eps=_WHITEN_EPS.value))
 
   g = shapes_config.get_config().model.generator
   gen = Generator(out_channels=3, resolution=32, cond_dim=cond_dim,
@@ -287,12 +300,14 @@ def main(argv):
     x, c, a = jnp.asarray(images[idx]), one_hot(attrs), jnp.asarray(attrs)
     c_wrong = one_hot(wrong)
     if _COND_FROM.value:
-      c = jnp.asarray(train_s[idx])
+      src = rng.choice(3, size=b, p=(0.25, 0.25, 0.5)) if _MIX.value else None
+      pick = (lambda s: s[idx, src]) if _MIX.value else (lambda s: s[idx])
+      c = jnp.asarray(pick(train_s))
       c_wrong = jnp.roll(c, 1, axis=0)
     dp, opt_d, aux, t_max = d_step(gp, dp, opt_d, x, c, c_wrong, a, jax.random.fold_in(k, 0),
                                    step % R1_INTERVAL == 0, t_max)
     beta = losses.ema_decay(step * b, half_life_images=5_000, rampup=0.05, batch_size=b)
-    s_raw = jnp.asarray(raw_train_s[idx]) if _COND_FROM.value else c
+    s_raw = jnp.asarray(pick(raw_train_s)) if _COND_FROM.value else c
     gp, opt_g, ema = g_step(gp, dp, opt_g, ema, x, c, a, jax.random.fold_in(k, 1), beta, s_raw, t_max)
     if step % _EVERY.value == 0 or step == _STEPS.value:
       held_c = jnp.asarray(held_s) if _COND_FROM.value else one_hot(held_out)
@@ -323,8 +338,9 @@ def load_run(workdir, step=None):
 _RUNS = {}
 
 
-def learned_conditions(workdir, captions, step=None):
-  """The condition vectors s (N, E) a trained run's text encoder and fusion give `captions` (text alone)."""
+def learned_conditions(workdir, captions, step=None, audio=None):
+  """The condition vectors s (N, E) a trained run's encoders and fusion give `captions` and/or `audio` (each
+  None: that source is missing)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -332,14 +348,18 @@ def learned_conditions(workdir, captions, step=None):
   model, params = load_run(workdir, step)
   sampler = _RUNS[workdir, step][0]
 
+  given = {'text': captions is not None, 'audio': audio is not None}
+  n_all = len(captions if captions is not None else audio)
+
   @jax.jit
   def encode(batch):
     n = batch['text_ids'].shape[0]
-    present = {task: {m: jnp.full((n,), m == 'text') for m in srcs} for task, srcs in model.tasks.items()}
+    present = {task: {m: jnp.full((n,), given.get(m, False)) for m in srcs} for task, srcs in model.tasks.items()}
     return mmgan.encode(model, params, batch, present)['generate']['cond']
 
-  out = [np.asarray(encode(sampler._batch(len(captions[i:i + 256]), text=captions[i:i + 256])))  # pylint: disable=protected-access
-         for i in range(0, len(captions), 256)]
+  chunk = lambda v, i: None if v is None else v[i:i + 256]
+  out = [np.asarray(encode(sampler._batch(min(256, n_all - i), text=chunk(captions, i), audio=chunk(audio, i))))  # pylint: disable=protected-access
+         for i in range(0, n_all, 256)]
   return np.concatenate(out)
 
 

@@ -118,12 +118,43 @@ def check(process_id: int, num_processes: int, port: int, run_dir: str, out_dir:
       same &= sa.index == sb.index and np.array_equal(np.asarray(sa.data), np.asarray(sb.data))
   all_same = multihost_utils.process_allgather(np.int32(same))  # one entry per process
 
+  # A damaged newest step: process 1 truncates the largest data file it wrote, which only it reads back. Both
+  # processes must fall back to the same older step, process 0 moves the damaged one aside, and the retrained
+  # step is saved again.
+  damaged_step = s.start_step + 1
+  ck = ckpt_lib.Checkpointer(os.path.join(out_dir, 'resave'))
+  ck.save(damaged_step, s.state, s.data.train.get_state(), force=True)
+  ck.wait()
+  ck.close()
+  multihost_utils.sync_global_devices('check_saved_the_step_to_damage')
+  if jax.process_index() == 1:
+    step_dir = os.path.join(out_dir, 'resave', 'checkpoints', str(damaged_step), 'state')
+    files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) if 'process_1' in r and r.endswith('d')
+             for f in fs]
+    with open(max(files, key=os.path.getsize), 'r+b') as fh:
+      fh.truncate(100)
+  multihost_utils.sync_global_devices('check_damaged_a_step')
+  ck = ckpt_lib.Checkpointer(os.path.join(out_dir, 'resave'))
+  _, fallback_data = ck.restore(abstract, move_damaged=True)
+  ck.save(damaged_step, s.state, {'next_index': -7}, force=True)  # the retrained step
+  ck.wait()
+  steps_after = ck.all_steps()
+  ck.close()
+  ck = ckpt_lib.Checkpointer(os.path.join(out_dir, 'resave'))
+  _, data_after = ck.restore(abstract)
+  ck.close()
+  fallback_next = multihost_utils.process_allgather(np.int32(fallback_data.get('next_index', -1)))
+
   if jax.process_index() == 0:
     arrays = {'start_step': np.asarray(s.start_step), 'cross_process_fsdp': np.asarray(cross),
               'restored_equal_per_process': np.asarray(all_same), 'process_count': np.asarray(jax.process_count()),
               'device_count': np.asarray(jax.device_count()),
               'local_device_count': np.asarray(jax.local_device_count()),
-              'data_state_next_index': np.asarray(data_state.get('next_index', -1))}
+              'data_state_next_index': np.asarray(data_state.get('next_index', -1)),
+              'damaged_fallback_next_index': np.asarray(fallback_next),  # per process
+              'damaged_aside': np.asarray(sorted(os.listdir(os.path.join(out_dir, 'resave', 'damaged_checkpoints')))),
+              'steps_after_resave': np.asarray(steps_after),
+              'next_index_after_resave': np.asarray(data_after.get('next_index', -1))}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
       arrays[f'param/{jax.tree_util.keystr(path)}'] = leaf
     np.savez(os.path.join(out_dir, 'check.npz'), **arrays)

@@ -14,7 +14,8 @@ grids and the final evaluation, and exits 0. Then:
 
 Properties: the launcher job exits 0, with one summary file and one eval_results.json (process 0 writes them)
 and the checkpoint of the last step; the gathered parameters equal the reference's (tolerance below); the
-checkpoint round trip is exact; a bad coordinator stops with one line, not a hang.
+checkpoint round trip is exact; a newest step damaged on one process's side makes both processes fall back to
+the same step and is moved aside; a bad coordinator stops with one line, not a hang.
 
 Cost: compiling is most of it, so the model is the smoke model with its optional parts off (see
 multiprocess_worker.OVERRIDES), XLA:CPU compiles at -O0 (both sides alike), the check job restores without
@@ -178,6 +179,17 @@ def test_multi_process_checkpoint_round_trip_is_exact(runs):
   mp = runs['check']
   assert list(mp['restored_equal_per_process']) == [1] * worker.NUM_PROCESSES
   assert int(mp['data_state_next_index']) == STEPS  # the iterator state came back with the arrays
+
+
+def test_damaged_step_on_one_process_falls_back_on_both_and_is_moved_aside(runs):
+  """Process 1's data file of the newest step truncated: both processes resume the same older step (never one
+  each), the damaged step is moved to damaged_checkpoints/, and the retrained step is saved and read back."""
+  mp = runs['check']
+  assert list(mp['damaged_fallback_next_index']) == [STEPS] * worker.NUM_PROCESSES
+  aside = list(mp['damaged_aside'])
+  assert len(aside) == 1 and aside[0].startswith(f'step_{STEPS + 1}_'), aside
+  assert list(mp['steps_after_resave']) == [STEPS, STEPS + 1]
+  assert int(mp['next_index_after_resave']) == -7
 
 
 def test_unreachable_coordinator_is_one_line_not_a_hang(tmp_path):

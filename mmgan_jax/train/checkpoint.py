@@ -106,6 +106,7 @@ class Checkpointer:
       return None
     failures = []
     for s in steps:
+      out, damaged = None, None
       try:
         problems = self.mismatches(s, abstract_state)
       except Exception as e:  # pylint: disable=broad-except  # unreadable metadata: a damaged checkpoint
@@ -115,18 +116,22 @@ class Checkpointer:
         raise CheckpointMismatchError(
             f'the checkpoint at step {s} in {self.directory} does not match this config ({len(problems)} '
             f'arrays differ); resume with the config it was trained with, or use a new workdir:\n{shown}')
-      if problems is not None:
+      if _everywhere(problems is not None):
         try:
           out = self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                                 data=ocp.args.JsonRestore()))
-          if failures:
-            log.warning('Resumed from step %d instead of the newer, unreadable checkpoint(s) %s.', s,
-                        [f for f, _ in failures])
-            if move_damaged:
-              self._move_aside([f for f, _ in failures])
-          return out['state'], dict(out['data'] or {})
         except Exception as e:  # pylint: disable=broad-except
           damaged = e
+      # Every process reads its own shards: all of them take this step only if all of them could read it, so a
+      # file damaged on one process's side never leaves the processes on different steps.
+      if _everywhere(out is not None):
+        if failures:
+          log.warning('Resumed from step %d instead of the newer, unreadable checkpoint(s) %s.', s,
+                      [f for f, _ in failures])
+          if move_damaged:
+            self._move_aside([f for f, _ in failures])
+        return out['state'], dict(out['data'] or {})
+      damaged = damaged or CheckpointError('another process could not read this step (see its log)')
       log.warning('Checkpoint step %d in %s is unreadable: %s; trying the previous one.', s, self.directory,
                   describe_damage(damaged, os.path.join(self.directory, str(s))))
       failures.append((s, damaged))
@@ -162,6 +167,14 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _everywhere(ok: bool) -> bool:
+  """True when `ok` holds on every JAX process (itself on one process)."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.min(multihost_utils.process_allgather(np.int32(bool(ok)))))
 
 
 def describe_damage(e: BaseException, step_dir: str) -> str:

@@ -143,7 +143,7 @@ def main(argv):
     cond_dim = train_s.shape[-1]
     raw_train_s = train_s
     if _STATS.value:
-      return print_condition_stats(train_s[:, 0] if _MIX.value else train_s, labels)
+      return print_source_stats(train_s, labels) if _MIX.value else print_condition_stats(train_s, labels)
     if _WHITEN.value:
       from mmgan_jax.models import mmgan  # pylint: disable=g-import-not-at-top
       flat = train_s.reshape(-1, cond_dim)
@@ -374,6 +374,25 @@ def print_condition_stats(s, labels):
     between = sum(np.mean(labels[:, i] == k) * np.sum(centred[labels[:, i] == k].mean(0) ** 2)
                   for k in np.unique(labels[:, i]))
     print(f'{name}: {between / total:.3f} of the variance')
+
+
+def print_source_stats(s3, labels):
+  """--cond_stats --cond_mix: how alike one example's conditions from text, audio and both are, before and after
+  whitening with several eigenvalue floors, and each attribute's share of the whitened text conditions."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mmgan_jax.models import mmgan  # pylint: disable=g-import-not-at-top
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  cos = lambda x, y: float(np.mean(np.sum(unit(x) * unit(y), -1)))
+  flat = s3.reshape(-1, s3.shape[-1])
+  mu, cov = flat.mean(0), np.cov(flat, rowvar=False)
+  print('eigenvalues of the pooled conditions:', np.round(np.linalg.eigvalsh(cov)[::-1][:16], 4))
+  print(f'unwhitened: cos(text, audio) {cos(s3[:, 0], s3[:, 1]):.3f}  cos(text, both) {cos(s3[:, 0], s3[:, 2]):.3f}'
+        f'  cos(audio, both) {cos(s3[:, 1], s3[:, 2]):.3f}')
+  for eps in (1e-3, 1e-2, 0.03, 0.1, 0.3):
+    w = np.asarray(mmgan.whiten(flat, mu, cov, eps=eps)).reshape(s3.shape)
+    print(f'whitened, floor {eps:g}: cos(text, audio) {cos(w[:, 0], w[:, 1]):.3f}  '
+          f'cos(text, both) {cos(w[:, 0], w[:, 2]):.3f}; text conditions:')
+    print_condition_stats(w[:, 0], labels)
 
 
 def classify(dp, opt_d, tx_d, disc_apply, aux_ce, images, labels, spec, b):

@@ -101,7 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.whiten_condition = False
   # Its eigenvalue floor, relative to the largest eigenvalue: directions with less variance than this are
   # amplified less. The conditions of one caption from text, audio or both differ in weak directions that a small
-  # floor blows up (cos 0.96 before whitening, 0.19 after at 1e-3); see docs/training.md.
+  # floor blows up (cos 0.96 before whitening, 0.20 after at 1e-3); see docs/training.md.
   m.whiten_eps = 1e-3
   # Encoders: ours (type='own': the size fields) or a transformers Flax model; see encoder_fields().
   m.text_encoder = dict(width=64, depth=2, num_heads=4, **encoder_fields())

@@ -110,17 +110,14 @@ _OWN = (os.sep + 'mmgan_jax' + os.sep, os.sep + 'launch' + os.sep)
 
 
 class _ConsoleFilter(logging.Filter):
-  """INFO lines from this project, CLU's progress line and its scalar lines (every log_every steps) pass;
-  libraries' INFO chatter (orbax's ~190 lines per run, jax's TPU probe on a CPU, CLU's notices of the images
-  and texts it wrote) does not. Warnings and errors always pass."""
+  """INFO lines from this project pass (the trainer's one progress line every log_every steps among them);
+  libraries' INFO chatter (orbax's ~190 lines per run, jax's TPU probe on a CPU, CLU's notices) does not.
+  Warnings and errors always pass. Every scalar is in TensorBoard and WORKDIR/metrics.jsonl."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno >= logging.WARNING:
       return True
-    path, msg = record.pathname or '', str(record.msg)
-    if path.endswith('logging_writer.py'):
-      return msg == '[%d]%s %s'  # the scalars; not 'Got images/texts/audios'
-    return any(p in path for p in _OWN) or msg.startswith('Setting work unit notes')
+    return any(p in (record.pathname or '') for p in _OWN)
 
 
 def quiet_console() -> None:
@@ -133,6 +130,40 @@ def quiet_console() -> None:
 
 
 _ATTRS = ('mean', 'colour', 'shape', 'size', 'position', 'all_correct')
+
+# The training scalars the console's progress line shows (label, key, format); the rest go to TensorBoard only.
+_PROGRESS = (('D', 'd/loss', '.3f'), ('G adv', 'g/adv_loss', '.3f'), ('sem acc', 'g/sem_acc', '.2f'),
+             ('lambda_adv', 'g/lambda_adv', '.3g'), ('T_max', 'diffusion_gan/t_max', '.0f'),
+             ('align', 'align/loss', '.3f'), ('denoise', 'refiner/denoise_loss', '.3f'))
+
+
+def _duration(seconds: float) -> str:
+  seconds = max(0, int(round(seconds)))
+  return f'{seconds // 60} min {seconds % 60:02d} s' if seconds >= 60 else f'{seconds} s'
+
+
+def progress_line(step: int, total: int, scalars: dict, steps_per_sec: float | None) -> str:
+  """One console line per log_every steps: where the run is, its speed and ETA (from the steps after the first,
+  compiling, one), and the few losses a person watches."""
+  width = len(str(total))
+  head = f'[{step:>{width}}/{total}]'
+  if steps_per_sec:
+    head += f' {steps_per_sec:.2f} it/s, ETA {_duration((total - step) / steps_per_sec)}'
+  losses = [f'{label} {float(scalars[key]):{fmt}}' for label, key, fmt in _PROGRESS if key in scalars]
+  return ' | '.join([head] + losses) if losses else head
+
+
+def eval_line(step: int, results: dict) -> str:
+  """A mid-run evaluation in one line: each image setting's refined mean and shape accuracy (the full table
+  comes at the end of the run; every number is in TensorBoard)."""
+  parts = []
+  for key in sorted(results):
+    if key.endswith('/refined/mean'):
+      setting = key.split('/')[0]
+      shape = results.get(f'{setting}/refined/shape')
+      extra = f' (shape {100 * shape:.1f})' if shape is not None else ''
+      parts.append(f'{setting.replace("_to_", "->").replace("_", "+")} {100 * results[key]:.1f}{extra}')
+  return f'Evaluation at step {step}, semantic accuracy %: ' + ('; '.join(parts) if parts else 'no image settings')
 
 
 def results_table(results: dict, path: str = '') -> str:

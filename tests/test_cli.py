@@ -16,9 +16,20 @@ def test_console_keeps_our_lines_and_drops_library_info():
   assert not f.filter(_record('/site-packages/orbax/checkpoint/checkpoint_manager.py'))
   assert not f.filter(_record('/site-packages/jax/_src/xla_bridge.py'))
   assert f.filter(_record('/site-packages/orbax/checkpoint/checkpoint_manager.py', logging.WARNING))
-  assert f.filter(_record('/site-packages/clu/platform/local.py', msg='Setting work unit notes: %s'))
-  assert f.filter(_record('/site-packages/clu/metric_writers/logging_writer.py', msg='[%d]%s %s'))
-  assert not f.filter(_record('/site-packages/clu/metric_writers/logging_writer.py', msg='[%d]%s Got images: %s.'))
+  assert not f.filter(_record('/site-packages/clu/platform/local.py', msg='Setting work unit notes: %s'))
+  assert not f.filter(_record('/site-packages/clu/metric_writers/logging_writer.py', msg='[%d]%s %s'))
+
+
+def test_progress_and_eval_lines_are_one_short_line_each():
+  scalars = {'d/loss': 1.23456, 'g/adv_loss': 0.7, 'g/lambda_adv': 0.25, 'diffusion_gan/t_max': 12.4,
+             'grad_norm/fusion': 3.0, 'align/text_audio_acc': 0.9}
+  line = cli.progress_line(50, 1000, scalars, 1.25)
+  assert line == '[  50/1000] 1.25 it/s, ETA 12 min 40 s | D 1.235 | G adv 0.700 | lambda_adv 0.25 | T_max 12'
+  assert cli.progress_line(1, 1000, {}, None) == '[   1/1000]'
+  mid = {'text_to_image/refined/mean': 0.689, 'text_to_image/refined/shape': 0.285,
+         'text_audio_to_image/refined/mean': 0.75, 'image_to_text/BLEU-4': 0.7}
+  assert cli.eval_line(500, mid) == ('Evaluation at step 500, semantic accuracy %: text+audio->image 75.0; '
+                                     'text->image 68.9 (shape 28.5)')
 
 
 def test_results_table_rows_columns_and_pointer():

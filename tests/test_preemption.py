@@ -51,7 +51,6 @@ RUN_TIMEOUT_S = 1200  # a whole 10-step run
 SIGTERM_EXIT_BOUND_S = 60  # SIGTERM -> exit: one step, one checkpoint write, close
 TMP_SUFFIX = '.orbax-checkpoint-tmp'  # orbax writes step k to k.orbax-checkpoint-tmp, then renames it to k
 STATE_PARTS = ('params', 'opt_g', 'opt_d', 'ema', 'step', 'rng', 'adaptive')
-_METRICS_LINE = re.compile(r'\] \[(\d+)\] (.*steps_per_sec_wall=.*)$')
 
 
 def _env() -> dict[str, str]:
@@ -68,6 +67,9 @@ class Run:
     self.name = name
     base = os.path.join(os.path.dirname(workdir), f'{os.path.basename(workdir)}.{name}')
     self.out_path, self.err_path = base + '.out', base + '.err'
+    self.metrics_path = os.path.join(workdir, 'metrics.jsonl')
+    # This run's rows of WORKDIR/metrics.jsonl come after what earlier runs on the workdir appended.
+    self.metrics_offset = os.path.getsize(self.metrics_path) if os.path.exists(self.metrics_path) else 0
     with open(self.out_path, 'w') as out, open(self.err_path, 'w') as err:
       self.proc = subprocess.Popen([sys.executable, 'launch/train.py', f'--workdir={workdir}', *FLAGS,
                                     *extra_flags], cwd=ROOT, env=env or _env(), stdout=out, stderr=err)
@@ -115,13 +117,20 @@ class Run:
     return int(found[0]) if found else None
 
   def logged_metrics(self) -> dict[int, dict[str, str]]:
-    """Per-step training scalars as logged (6 significant digits), without the wall-clock ones."""
+    """Per-step training scalars this run appended to WORKDIR/metrics.jsonl (6 significant digits), without the
+    wall-clock ones; a line cut short by SIGKILL is left out."""
     out = {}
-    for line in self.log().splitlines():
-      m = _METRICS_LINE.search(line)
-      if m:
-        items = dict(kv.split('=', 1) for kv in m.group(2).split(', ') if '=' in kv)
-        out[int(m.group(1))] = {k: v for k, v in items.items() if not k.startswith('steps_per_sec')}
+    if not os.path.exists(self.metrics_path):
+      return out
+    with open(self.metrics_path) as f:
+      f.seek(self.metrics_offset)
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        step = int(row.pop('step'))
+        out[step] = {k: f'{v:.6g}' for k, v in row.items() if not k.startswith('steps_per_sec')}
     return out
 
 

@@ -24,7 +24,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mmgan_jax import config_io, config_validation
+from mmgan_jax import cli, config_io, config_validation
 from mmgan_jax.data import registry
 from mmgan_jax.evaluation.evaluator import Evaluator, fetch
 from mmgan_jax.models import mmgan
@@ -467,6 +467,19 @@ def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
   return out
 
 
+METRICS_FILE = 'metrics.jsonl'
+
+
+def _append_metrics(workdir: str, step: int, scalars: dict) -> None:
+  """One JSON line {"step": N, name: value, ...} per logged step in WORKDIR/metrics.jsonl (process 0, local
+  workdirs; TensorBoard has the same numbers everywhere). A resumed run appends from its resume step on."""
+  if jax.process_index() != 0 or is_url(workdir):
+    return
+  row = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
+  with open(os.path.join(workdir, METRICS_FILE), 'a') as f:
+    f.write(json.dumps(row) + '\n')
+
+
 def write_samples(s: Setup, writer, evaluator: Evaluator, state, step: int) -> None:
   n = int(s.config.eval.sample_grid)
   batch = {k: v[:n] for k, v in s.data.eval_batch.items()}
@@ -588,7 +601,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, accept_config_chan
   with (config_io.check_resume); `accept_config_change` continues with the new values, recorded in the workdir.
   """
   _hide_accelerators_from_tf()
-  from clu import metric_writers, parameter_overview, periodic_actions  # pylint: disable=g-import-not-at-top
+  from clu import metric_writers, parameter_overview  # pylint: disable=g-import-not-at-top
 
   multi = maybe_initialize_distributed()
   preemption = _Preemption()  # first, so a SIGTERM during set-up is honoured too
@@ -620,14 +633,15 @@ def train_and_evaluate(config, workdir: str, *, devices=None, accept_config_chan
       return {}
     if jax.process_index() == 0 and not is_url(workdir):  # what launch/sample.py and evaluate.py read back
       config_io.record(config, workdir, diff, resuming=resuming)
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    # Scalars, images and texts go to TensorBoard (process 0); the console gets one progress line per log_every
+    # steps and WORKDIR/metrics.jsonl every logged scalar (`_append_metrics`).
+    writer = metric_writers.AsyncMultiWriter(
+        [metric_writers.SummaryWriter(workdir)] if jax.process_index() == 0 else [])
     if s.start_step == 0:
       writer.write_hparams(hparams(config))
     if s.start_step == 0 and jax.process_index() == 0:
       _write_parameter_table(s.state.params, workdir, parameter_overview)
     evaluator = make_evaluator(s, workdir)
-    progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
-                                               every_steps=config.log_every)
     state = s.state
     nan_steps = frozenset(config.get('debug', {}).get('nan_at_steps', ()))
     if nan_steps:
@@ -658,13 +672,16 @@ def train_and_evaluate(config, workdir: str, *, devices=None, accept_config_chan
           log.info('Compiled; iteration %d done in %.0f s. Training.', step, t_first - t0)
           preemption.phase = 'training'
         history.append(metrics)
-        progress(step)
         if step % config.log_every == 0 or step == config.total_steps:
           scalars = _mean_metrics(history)
           history.clear()
-          scalars['steps_per_sec_wall'] = (step - s.start_step) / max(time.time() - t0, 1e-9)
+          now = time.time()
+          scalars['steps_per_sec_wall'] = (step - s.start_step) / max(now - t0, 1e-9)
           scalars['data/bad_records'] = float(s.data.bad_records.count)  # skipped since this process started
           writer.write_scalars(step, scalars)
+          _append_metrics(workdir, step, scalars)
+          steady = (step - first_step) / (now - t_first) if step > first_step and now > t_first else None
+          log.info('%s', cli.progress_line(step, config.total_steps, scalars, steady))
         if config.sample_every and step % config.sample_every == 0:
           write_samples(s, writer, evaluator, state, step)
           sampled = step
@@ -675,7 +692,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None, accept_config_chan
         if (config.eval_every and step % config.eval_every == 0 and step < config.total_steps
             and not preemption.requested):
           preemption.phase = f'evaluating step {step}'
-          writer.write_scalars(step, {f'eval/{k}': v for k, v in evaluate(s, evaluator, state).items()})
+          mid = evaluate(s, evaluator, state)
+          writer.write_scalars(step, {f'eval/{k}': v for k, v in mid.items()})
+          log.info('%s', cli.eval_line(step, mid))
           preemption.phase = 'training'
         if preemption.requested:  # (one process: it may have arrived during the evaluation)
           if s.checkpointer and not saved:

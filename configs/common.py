@@ -143,6 +143,9 @@ def get_config() -> ml_collections.ConfigDict:
       sem_caption=0.0,
       div=0.1,  # MSGAN mode seeking
       align=1.0,  # CLIP InfoNCE between modalities
+      # 1 - |mean of one example's unit text and audio embeddings|^2: the sources of an example give one condition
+      # (InfoNCE stops pulling once the positive outranks the negatives; whitening amplifies what is left).
+      source_consistency=0.0,
       caption=1.0,  # captioning cross-entropy
       label_smoothing=0.1,
       denoise=1.0,  # refiner denoising loss on real latents
@@ -163,6 +166,9 @@ def get_config() -> ml_collections.ConfigDict:
       g_lr=2e-3, d_lr=2e-3, gan_b1=0.0, gan_b2=0.99,
       rep_lr=5e-4, rep_b1=0.9, rep_b2=0.99, rep_weight_decay=1e-4, warmup_steps=100,
       grad_clip=0.0, frozen=(),
+      # From this iteration on the text and audio encoders and the fusion stop training (0: never), so G and D
+      # learn on conditions that no longer move; the image encoder, captioner and refiner keep learning.
+      condition_frozen_after=0,
       grad_accum=1,  # micro-batches per step (gradients averaged; activation memory of one micro-batch)
   ))
   c.ema = dict(half_life_images=5_000, rampup=0.05)

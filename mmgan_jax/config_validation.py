@@ -510,6 +510,8 @@ def _training(p: _Checker) -> None:
   total = p.integer('total_steps', 1)
   p.integer('gan_start', 0, None if total is None else total - 1,
             why='iterations of representation training before G and D start; 0 starts them at once')
+  p.integer('optim.condition_frozen_after', 0, total,
+            why='iteration from which the text and audio encoders and the fusion stop training; 0 never freezes them')
   p.integer('log_every', 1)
   p.integer('checkpoint_every', 1)
   p.integer('sample_every', 0, why='0 switches sample grids off')
@@ -522,7 +524,8 @@ def _training(p: _Checker) -> None:
           'NaN (to test the NaN stop); () is off.')
   p.real('modality_dropout', 0, 1, why='probability that one of two condition sources is dropped')
 
-  for w in ('adv', 'sem', 'sem_caption', 'div', 'align', 'caption', 'denoise', 'mismatch', 'r1_gamma', 'cond_reg'):
+  for w in ('adv', 'sem', 'sem_caption', 'div', 'align', 'source_consistency', 'caption', 'denoise', 'mismatch',
+            'r1_gamma', 'cond_reg'):
     p.real(f'loss.{w}', 0, why='a loss weight; 0 switches the term off')
   p.flag('loss.adaptive')
   p.real('loss.adaptive_max', 0, lo_open=True)

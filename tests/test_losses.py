@@ -130,6 +130,21 @@ def test_info_nce_mask_excludes_examples():
   assert np.all(np.asarray(g0) == 0)
 
 
+def test_source_gap_is_half_one_minus_cos_for_two_sources_and_pulls_them_together():
+  rng = np.random.default_rng(0)
+  a, b, c = (_unit_rows(rng, 8, 16) for _ in range(3))
+  cos = np.sum(a * b, 1)
+  np.testing.assert_allclose(L.source_gap([a, b]), np.mean((1 - cos) / 2), rtol=1e-5)
+  np.testing.assert_allclose(L.source_gap([a, a, a]), 0.0, atol=1e-6)
+  ref = np.mean([np.mean(np.sum((u - (a + b + c) / 3) ** 2, 1)) for u in (a, b, c)])  # its definition
+  np.testing.assert_allclose(L.source_gap([a, b, c]), ref, rtol=1e-5)
+  # A small step along minus the gradient of one source brings it closer to the other.
+  g = np.asarray(jax.grad(lambda x: L.source_gap([x, b]))(jnp.asarray(a)))
+  moved = a - 0.1 * g
+  moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+  assert np.all(np.sum(moved * b, 1) > cos)
+
+
 def test_l2_normalize():
   x = jnp.asarray([[3.0, 4.0], [0.0, 0.0], [1e-3, 0.0]])
   y = L.l2_normalize(x)

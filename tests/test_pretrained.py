@@ -134,9 +134,10 @@ def test_place_accounts_for_every_leaf():
 # ---------------------------------------------------------------- freezing through optax labels
 
 
-def _optimizer_run(specs, steps, params, grads):
+def _optimizer_run(specs, steps, params, grads, condition_frozen_after=0):
   o = smoke_config().optim
   o.warmup_steps = 0
+  o.condition_frozen_after = condition_frozen_after
   tx, _ = state_lib.make_optimizers(o, 100, specs)
   opt = tx.init(params)
   history = [params]
@@ -389,3 +390,21 @@ def test_pretrained_text_demo_variant_uses_the_minilm_and_its_tokenizer():
                             max_text_len=c.data.max_text_len, sample_rate=c.data.sample_rate, pad_id=codec.pad_id)
   assert model.frozen_encoders == ('text_encoder',)
   config_validation.validate(c, num_devices=1)
+
+
+def test_condition_frozen_after_stops_the_condition_path_exactly_and_nothing_else():
+  leaf = {'w': jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)}
+  names = ('fusion', 'text_encoder', 'image_encoder', 'audio_encoder', 'refiner', 'generator')
+  params = {n: leaf for n in names}
+  grads = jax.tree.map(lambda p: 0.3 * p + 0.1, params)
+  specs = {'text_encoder': pretrained.TrainSpec(lr_mul=0.25)}  # composes with an encoder's own multiplier
+  frozen, _, _ = _optimizer_run(specs, 4, params, grads, condition_frozen_after=2)
+  plain, _, _ = _optimizer_run(specs, 4, params, grads)
+  for i in range(1, 5):
+    for n in names:
+      got, ref = np.asarray(frozen[i][n]['w']), np.asarray(plain[i][n]['w'])
+      if n in state_lib.CONDITION_PATH and i > 2:  # optimiser steps 2 and 3: iterations 3 and 4
+        np.testing.assert_array_equal(got, 0)
+      else:
+        np.testing.assert_array_equal(got, ref)
+  assert np.abs(np.asarray(plain[3]['text_encoder']['w'])).min() > 0

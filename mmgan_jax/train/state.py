@@ -22,6 +22,10 @@ labels derived from each parameter's path (models/pretrained.py, `train` of conf
                   step count, which is in the checkpointed state, so a resumed run continues exactly. Adam's
                   moments are estimated during the frozen steps, so the first unfrozen update is well scaled.
   'rep', 'gan'    everything else.
+  '<label>|cond'  with config.optim.condition_frozen_after = N > 0: the same transform times [count < N] on the
+                  condition path (CONDITION_PATH: text and audio encoders, fusion), so from iteration N on the
+                  conditions G and D read stop moving (DF-GAN trains its GAN on a fixed text encoder); the image
+                  encoder, captioner and refiner keep learning.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ Tree = Any
 TRAINABLE = ('text_encoder', 'image_encoder', 'audio_encoder', 'fusion', 'generator', 'refiner',
              'discriminator', 'text_decoder')
 EMA_COMPONENTS = ('generator', 'refiner')
+CONDITION_PATH = ('text_encoder', 'audio_encoder', 'fusion')  # what makes the condition s from text and audio
 
 
 @flax.struct.dataclass
@@ -129,7 +134,22 @@ def make_optimizers(cfg, total_steps: int, encoders: dict[str, pretrained_lib.Tr
     if not spec.plain and not spec.frozen:
       scale = lambda count, m=float(spec.lr_mul), n=int(spec.unfreeze_after): m * (count >= n).astype(jnp.float32)
       transforms[f'rep:{name}'] = optax.chain(rep, optax.scale_by_schedule(scale))
-  tx_g = optax.multi_transform(transforms, lambda params: param_labels(params, frozen, encoders))
+  labels = lambda params: param_labels(params, frozen, encoders)
+  freeze_at = int(o.get('condition_frozen_after', 0))
+  if freeze_at > 0:
+    stop = lambda count, n=freeze_at: (count < n).astype(jnp.float32)
+    transforms.update({f'{k}|cond': optax.chain(t, optax.scale_by_schedule(stop))
+                       for k, t in list(transforms.items()) if k != 'frozen'})
+    plain_labels = labels
+
+    def labels(params):
+      out = plain_labels(params)
+      for name in CONDITION_PATH:
+        if name in out:
+          out[name] = jax.tree.map(lambda l: l if l == 'frozen' else f'{l}|cond', out[name])
+      return out
+
+  tx_g = optax.multi_transform(transforms, labels)
   tx_d = optax.chain(*clip, optax.adam(o.d_lr, b1=o.gan_b1, b2=o.gan_b2, eps=1e-8))
   return tx_g, tx_d
 

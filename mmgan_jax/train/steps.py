@@ -128,6 +128,8 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   adaptive_on = bool(lc.adaptive) and semantic_on and lc.adv > 0
   cond_reg_on = model.discriminator.cond_head and lc.cond_reg > 0
   pairs = list(itertools.combinations(model.modalities, 2))
+  gen_sources = [m for m in model.generate_sources if m in model.encoders]
+  consistency_on = lc.get('source_consistency', 0.0) > 0 and len(gen_sources) >= 2
   pad_id = model.pad_id
   accum = int(getattr(config.optim, 'grad_accum', 1))
 
@@ -257,6 +259,10 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
         vals.append(l)
       terms['align/loss'] = sum(vals) / len(vals)
       total = total + lc.align * terms['align/loss']
+    if consistency_on:
+      # One example's text and audio should give one condition (docs/training.md, "Source consistency").
+      terms['align/source_gap'] = losses.source_gap([enc['embed'][m] for m in gen_sources])
+      total = total + lc.source_consistency * terms['align/source_gap']
     if captions_on or sem_caption_on:
       ids, targets, mask = text_decoder.shift_for_teacher_forcing(batch['text_ids'], pad_id)
       caption_loss = lambda cond: text_decoder.caption_loss(

@@ -141,6 +141,8 @@ def get_config() -> ml_collections.ConfigDict:
       # Caption consistency (MirrorGAN's STREAM, redescription): cross-entropy of the example's caption by the
       # captioner reading G's sample alone; teaches G every word, shape and size included.
       sem_caption=0.0,
+      # The captioner reads the condition s alone and writes the example's caption: s must name every attribute.
+      cond_caption=0.0,
       div=0.1,  # MSGAN mode seeking
       align=1.0,  # CLIP InfoNCE between modalities
       # 1 - |mean of one example's unit text and audio embeddings|^2: the sources of an example give one condition

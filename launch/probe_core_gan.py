@@ -84,6 +84,8 @@ _INSTANCE_NOISE = flags.DEFINE_bool('instance_noise', False, "The full model's D
                                     'noise-aware and reads real and fake images diffused to t ~ p(t) ∝ t on '
                                     '{1..T_max}, T_max adapting toward r_sign 0.6 (configs/common.py '
                                     'diffusion_gan: sigma 0.05, step 2, cap 500).')
+_COND_STEP = flags.DEFINE_integer('cond_step', None, "With --cond_from: the run's checkpoint step to read the "
+                                  'conditions from (default: its newest, read once).')
 _MIX = flags.DEFINE_bool('cond_mix', False, "With --cond_from: each example's condition comes from its text alone, "
                          'its audio alone or both (1/4, 1/4, 1/2: what modality_dropout 0.5 gives the full model), '
                          'redrawn every step; held-out samples still use text alone.')
@@ -131,15 +133,16 @@ def main(argv):
 
   if _COND_FROM.value:  # the trained run's frozen conditions, looked up by example index
     rng_cap = np.random.default_rng(_SEED.value + 1)
-    run_model, run_params = load_run(_COND_FROM.value)
+    step = _COND_STEP.value  # None: the newest, loaded once (load_run caches it) for every lookup below
+    run_model, run_params = load_run(_COND_FROM.value, step)
     train_caps = [e['captions'][rng_cap.integers(len(e['captions']))] for e in train]
-    train_s = learned_conditions(_COND_FROM.value, train_caps)
+    train_s = learned_conditions(_COND_FROM.value, train_caps, step)
     if _MIX.value:  # (N, 3, E): text alone, audio alone, both
       train_audio = np.stack([e['audio'] for e in train])
-      train_s = np.stack([train_s, learned_conditions(_COND_FROM.value, None, audio=train_audio),
-                          learned_conditions(_COND_FROM.value, train_caps, audio=train_audio)], axis=1)
+      train_s = np.stack([train_s, learned_conditions(_COND_FROM.value, None, step, audio=train_audio),
+                          learned_conditions(_COND_FROM.value, train_caps, step, audio=train_audio)], axis=1)
     held_s = learned_conditions(_COND_FROM.value, [shapes.make_example(spec, 0, 'test', i)['captions'][0]
-                                                   for i in range(256)])
+                                                   for i in range(256)], step)
     cond_dim = train_s.shape[-1]
     raw_train_s = train_s
     if _STATS.value:

@@ -292,6 +292,14 @@ def _model(p: _Checker, modalities: tuple[str, ...] | None, latent: int | None) 
   p.flag('model.whiten_condition')
   p.real('model.whiten_eps', 0.0, 1.0, lo_open=True, why='relative to the largest eigenvalue')
   mods = modalities or ()
+  cond_caption = p.get('loss.cond_caption', 0)
+  if _is_real(cond_caption) and cond_caption > 0:
+    if modalities is not None and 'text' not in mods:
+      p.add('loss.cond_caption', cond_caption, "captioning from the condition needs the captioner, which exists "
+            "only with 'text' in config.model.modalities; allowed here: 0.")
+    elif p.get('model.width', None) != p.get('model.embed_dim', None):
+      p.add('loss.cond_caption', cond_caption, 'the captioner reads s (model.embed_dim wide) as a memory token '
+            '(model.width wide): needs model.width == model.embed_dim; allowed here: 0.')
   if 'text' in mods:
     _transformer(p, 'model.text_encoder')
     _transformer(p, 'model.text_decoder')
@@ -524,8 +532,8 @@ def _training(p: _Checker) -> None:
           'NaN (to test the NaN stop); () is off.')
   p.real('modality_dropout', 0, 1, why='probability that one of two condition sources is dropped')
 
-  for w in ('adv', 'sem', 'sem_caption', 'div', 'align', 'source_consistency', 'caption', 'denoise', 'mismatch',
-            'r1_gamma', 'cond_reg'):
+  for w in ('adv', 'sem', 'sem_caption', 'cond_caption', 'div', 'align', 'source_consistency', 'caption', 'denoise',
+            'mismatch', 'r1_gamma', 'cond_reg'):
     p.real(f'loss.{w}', 0, why='a loss weight; 0 switches the term off')
   p.flag('loss.adaptive')
   p.real('loss.adaptive_max', 0, lo_open=True)

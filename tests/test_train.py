@@ -124,6 +124,21 @@ def test_caption_consistency_alone_trains_g_and_an_image_only_captioner(smoke):
     assert sum(float(np.abs(x).sum()) for x in leaves) > 0, name
 
 
+def test_condition_terms_alone_train_exactly_the_condition_path(smoke):
+  """loss.cond_caption and loss.source_consistency with every other loss off: their gradients reach the text and
+  audio encoders, the fusion and the captioner, and nothing else (the image encoder and G get none)."""
+  off = {f'loss.{w}': 0.0 for w in ('adv', 'sem', 'div', 'align', 'caption', 'denoise')}
+  config = smoke_config(**off, **{'loss.cond_caption': 1.0, 'loss.source_consistency': 1.0})
+  fns = make_steps(smoke.model, config, tx_g=None, tx_d=None)
+  with jax.set_mesh(smoke.mesh):
+    grads = host(jax.jit(fns.g_grads)(smoke.state, trainer.next_batch(smoke)))
+  size = lambda name: sum(float(np.abs(x).sum()) for x in jax.tree.leaves(grads[name]))
+  for name in ('text_encoder', 'audio_encoder', 'fusion', 'text_decoder'):
+    assert size(name) > 0 and np.isfinite(size(name)), name
+  for name in ('image_encoder', 'generator', 'refiner'):
+    assert size(name) == 0, name
+
+
 def test_train_steps_run_and_report(smoke):
   state, metrics, _ = run(smoke, smoke.state, 2)
   m = metrics[-1]

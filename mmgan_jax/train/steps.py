@@ -124,6 +124,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   z_dim = model.generator.z_dim
   captions_on = model.text_decoder is not None and lc.caption > 0
   sem_caption_on = model.text_decoder is not None and lc.sem_caption > 0
+  cond_caption_on = model.text_decoder is not None and lc.get('cond_caption', 0.0) > 0
   semantic_on = lc.sem > 0 or lc.div > 0 or sem_caption_on
   adaptive_on = bool(lc.adaptive) and semantic_on and lc.adv > 0
   cond_reg_on = model.discriminator.cond_head and lc.cond_reg > 0
@@ -263,7 +264,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       # One example's text and audio should give one condition (docs/training.md, "Source consistency").
       terms['align/source_gap'] = losses.source_gap([enc['embed'][m] for m in gen_sources])
       total = total + lc.source_consistency * terms['align/source_gap']
-    if captions_on or sem_caption_on:
+    if captions_on or sem_caption_on or cond_caption_on:
       ids, targets, mask = text_decoder.shift_for_teacher_forcing(batch['text_ids'], pad_id)
       caption_loss = lambda cond: text_decoder.caption_loss(
           mmgan.caption_logits(model, rep_params['text_decoder'], ids, cond), targets, mask, lc.label_smoothing)
@@ -273,6 +274,14 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       if sem_caption_on:
         terms['caption/image_only_loss'] = caption_loss(enc['image_caption'])
         total = total + lc.sem_caption * terms['caption/image_only_loss']
+      if cond_caption_on:
+        # The captioner reads G's condition s ALONE (one memory token, scaled to a LayerNorm'd token's norm) and
+        # writes the example's caption, so s must name every attribute: in-batch InfoNCE negatives rarely
+        # differ in shape alone, and s kept shape in weak directions where text and audio disagree.
+        g = enc['generate']
+        token = g['cond'][:, None, :] * jnp.sqrt(jnp.float32(g['cond'].shape[-1]))
+        terms['caption/from_condition_loss'] = caption_loss({'tokens': token, 'mask': g['has_cond'][:, None]})
+        total = total + lc.cond_caption * terms['caption/from_condition_loss']
     if refiner_on and lc.denoise > 0:
       cond = enc['generate']
       x0 = mmgan.to_latent(model, state.codec['params'], state.codec['scale'], batch['image'])

@@ -137,6 +137,11 @@ _PROGRESS = (('D', 'd/loss', '.3f'), ('G adv', 'g/adv_loss', '.3f'), ('sem acc',
              ('align', 'align/loss', '.3f'), ('denoise', 'refiner/denoise_loss', '.3f'))
 
 
+def _setting_name(key: str) -> str:
+  """'text_audio_to_image' -> 'text+audio->image'."""
+  return key.replace('_to_', '->').replace('_', '+')
+
+
 def _duration(seconds: float) -> str:
   seconds = max(0, int(round(seconds)))
   return f'{seconds // 60} min {seconds % 60:02d} s' if seconds >= 60 else f'{seconds} s'
@@ -162,7 +167,7 @@ def eval_line(step: int, results: dict) -> str:
       setting = key.split('/')[0]
       shape = results.get(f'{setting}/refined/shape')
       extra = f' (shape {100 * shape:.1f})' if shape is not None else ''
-      parts.append(f'{setting.replace("_to_", "->").replace("_", "+")} {100 * results[key]:.1f}{extra}')
+      parts.append(f'{_setting_name(setting)} {100 * results[key]:.1f}{extra}')
   return f'Evaluation at step {step}, semantic accuracy %: ' + ('; '.join(parts) if parts else 'no image settings')
 
 
@@ -173,7 +178,7 @@ def results_table(results: dict, path: str = '') -> str:
   for key, value in results.items():
     parts = key.split('/')
     if parts[-1] in _ATTRS and len(parts) >= 2:
-      setting = parts[0].replace('_to_', '->').replace('_', '+')
+      setting = _setting_name(parts[0])
       stage = ' '.join(parts[1:-1]).replace('pre_refine', 'before refinement')
       rows.setdefault(f'{setting} {stage}'.strip(), {})[parts[-1]] = value
   lines = []

@@ -21,7 +21,8 @@ FILENAME = 'config.json'
 # trained; `load` fills them into an older config.json (and nothing else: any other missing field is an error
 # of the config checks).
 ADDED_FIELDS = {'gan_start': 0, 'model.image_encoder.stem': 'patch',
-                'loss.sem_caption': 0.0, 'loss.source_consistency': 0.0, 'loss.cond_caption': 0.0, 'optim.condition_frozen_after': 0,
+                'loss.sem_caption': 0.0, 'loss.source_consistency': 0.0, 'loss.cond_caption': 0.0,
+                'optim.condition_frozen_after': 0,
                 'model.whiten_condition': False, 'model.whiten_eps': 1e-3, 'debug.nan_at_steps': (),
                 'model.discriminator.cond_head': False, 'loss.cond_reg': 1.0}
 

@@ -12,7 +12,8 @@ D step (Diffusion-GAN + projection D + matching-aware pairs, StyleGAN2 losses):
 
 G step, two gradient paths:
   representation: L_rep = w_align InfoNCE(s_a, s_b) over modality pairs + w_cap CE(captions)
-                          + w_den |eps - eps_theta(x_t, t, c)|^2 on real latents (condition dropout for CFG);
+                          + w_den |eps - eps_theta(x_t, t, c)|^2 on real latents (condition dropout for CFG)
+                          [+ w_cons source_gap(s_text, s_audio) + w_cc CE(captions | s alone)];
                   updates encoders, fusion, text decoder, refiner.
   generator:      x = G(z, c, T) for two z per condition (B/2 conditions); x~ = R(x) (K differentiable DDIM steps, R frozen here),
                   L_adv = softplus(-D(diffuse(x~, t), c)),
@@ -261,7 +262,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       terms['align/loss'] = sum(vals) / len(vals)
       total = total + lc.align * terms['align/loss']
     if consistency_on:
-      # One example's text and audio should give one condition (docs/training.md, "Source consistency").
+      # One example's text and audio should give one condition (docs/training.md, part 6).
       terms['align/source_gap'] = losses.source_gap([enc['embed'][m] for m in gen_sources])
       total = total + lc.source_consistency * terms['align/source_gap']
     if captions_on or sem_caption_on or cond_caption_on:

@@ -129,8 +129,10 @@ def get_config() -> ml_collections.ConfigDict:
   # and sampling use; at 0.3 text alone was 15 % of training and scored 20 points below text + audio.
   c.modality_dropout = 0.5
 
-  # SDEdit refinement used while training G and when sampling.
-  c.refine = dict(t_start=200, num_steps=2, guidance=1.0)
+  # SDEdit refinement used when sampling and (in_training) on G's samples before D and the semantic loss see
+  # them. in_training=False refines only at sampling and evaluation: the refiner still trains (loss.denoise),
+  # G's iterations skip its forward and backward.
+  c.refine = dict(t_start=200, num_steps=2, guidance=1.0, in_training=True)
 
   # Losses (0 switches a term off).
   c.loss = ml_collections.ConfigDict(dict(

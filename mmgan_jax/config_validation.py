@@ -425,6 +425,7 @@ def _refine(p: _Checker) -> None:
     p.add('refine.num_steps', steps, f'more DDIM steps than timesteps (config.refine.t_start={t_start}): only '
           f'{t_start} distinct steps would run; allowed: an integer in [0, {t_start}].')
   p.real('refine.guidance', 0, why='classifier-free guidance scale, 1 = conditional only')
+  p.flag('refine.in_training')
 
 
 def _mesh(p: _Checker, num_devices: int) -> dict[str, int] | None:

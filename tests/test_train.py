@@ -330,6 +330,15 @@ def test_refinement_switch_changes_samples(smoke):
   off = Evaluator(smoke.model, off_config, smoke.data.text_codec)
   pre, post = off.samples(state, batch, ('text',))
   np.testing.assert_array_equal(pre, post)
+  # refine.in_training=False: evaluation still refines, G trains on its unrefined samples (as with no refinement).
+  at_sampling = smoke_config(**{'refine.in_training': False})
+  pre, post = Evaluator(smoke.model, at_sampling, smoke.data.text_codec).samples(state, batch, ('text',))
+  assert not np.allclose(pre, post)
+  state = state.replace(params=dict(state.params, refiner=ref))
+  train_batch = trainer.next_batch(smoke)
+  g_grads = lambda c: host(jax.jit(make_steps(smoke.model, c, None, None).g_grads)(state, train_batch)['generator'])
+  for a, b in zip(jax.tree.leaves(g_grads(at_sampling)), jax.tree.leaves(g_grads(off_config))):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_checkpointer_roundtrip(tmp_path, smoke):

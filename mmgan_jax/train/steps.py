@@ -121,7 +121,9 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   refiner_on = model.refiner is not None
   prediction = config.model.refiner.prediction
   t_start = int(config.refine.t_start)
-  num_ref_steps = int(config.refine.num_steps) if refiner_on else 0
+  # Refiner steps on G's samples in training (D and the semantic loss see refined samples); none with
+  # refine.in_training=False, where only sampling and evaluation refine.
+  num_ref_steps = int(config.refine.num_steps) if refiner_on and config.refine.get('in_training', True) else 0
   z_dim = model.generator.z_dim
   captions_on = model.text_decoder is not None and lc.caption > 0
   sem_caption_on = model.text_decoder is not None and lc.sem_caption > 0

@@ -135,7 +135,7 @@ def make_optimizers(cfg, total_steps: int, encoders: dict[str, pretrained_lib.Tr
       scale = lambda count, m=float(spec.lr_mul), n=int(spec.unfreeze_after): m * (count >= n).astype(jnp.float32)
       transforms[f'rep:{name}'] = optax.chain(rep, optax.scale_by_schedule(scale))
   labels = lambda params: param_labels(params, frozen, encoders)
-  freeze_at = int(o.get('condition_frozen_after', 0))
+  freeze_at = int(o.condition_frozen_after)
   if freeze_at > 0:
     stop = lambda count, n=freeze_at: (count < n).astype(jnp.float32)
     transforms.update({f'{k}|cond': optax.chain(t, optax.scale_by_schedule(stop))

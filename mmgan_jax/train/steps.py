@@ -23,6 +23,7 @@ G step, two gradient paths:
                   grad = lambda * w_adv grad L_adv + grad(w_sem L_sem + w_div L_div),
                   lambda = |grad_last(semantic)| / |grad_last(adv)|  (VQGAN adaptive weight, last G layer).
   Both cotangents are pulled back through R and G with one vjp each, so the split costs no extra forward pass.
+  With refine.in_training=False, K = 0: G trains on x itself and only sampling and evaluation refine.
   EMA of G and R is updated in the step.
 
 Non-finite losses or gradients: the update is skipped (the state is kept), `adaptive['nonfinite']` counts
@@ -123,17 +124,17 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   t_start = int(config.refine.t_start)
   # Refiner steps on G's samples in training (D and the semantic loss see refined samples); none with
   # refine.in_training=False, where only sampling and evaluation refine.
-  num_ref_steps = int(config.refine.num_steps) if refiner_on and config.refine.get('in_training', True) else 0
+  num_ref_steps = int(config.refine.num_steps) if refiner_on and config.refine.in_training else 0
   z_dim = model.generator.z_dim
   captions_on = model.text_decoder is not None and lc.caption > 0
   sem_caption_on = model.text_decoder is not None and lc.sem_caption > 0
-  cond_caption_on = model.text_decoder is not None and lc.get('cond_caption', 0.0) > 0
+  cond_caption_on = model.text_decoder is not None and lc.cond_caption > 0
   semantic_on = lc.sem > 0 or lc.div > 0 or sem_caption_on
   adaptive_on = bool(lc.adaptive) and semantic_on and lc.adv > 0
   cond_reg_on = model.discriminator.cond_head and lc.cond_reg > 0
   pairs = list(itertools.combinations(model.modalities, 2))
   gen_sources = [m for m in model.generate_sources if m in model.encoders]
-  consistency_on = lc.get('source_consistency', 0.0) > 0 and len(gen_sources) >= 2
+  consistency_on = lc.source_consistency > 0 and len(gen_sources) >= 2
   pad_id = model.pad_id
   accum = int(getattr(config.optim, 'grad_accum', 1))
 

@@ -342,7 +342,7 @@ def _check_finite(streak: jax.Array | None, step: int, limit: int) -> None:
 def train_step(s: Setup, state, batch, step: int):
   """One iteration: D step (with lazy R1 every r1_interval) then G step; before `gan_start` the
   representation step alone."""
-  if step < s.config.get('gan_start', 0):  # (absent from the config.json of older runs)
+  if step < s.config.gan_start:
     return s.steps.rep_step(state, batch)
   lc = s.config.loss
   use_r1 = lc.r1_gamma > 0 and lc.r1_interval > 0 and step % lc.r1_interval == 0
@@ -643,7 +643,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, accept_config_chan
       _write_parameter_table(s.state.params, workdir, parameter_overview)
     evaluator = make_evaluator(s, workdir)
     state = s.state
-    nan_steps = frozenset(config.get('debug', {}).get('nan_at_steps', ()))
+    nan_steps = frozenset(config.debug.nan_at_steps)
     if nan_steps:
       log.warning('debug.nan_at_steps: the batches of iterations %s are made NaN (a test of the NaN stop).',
                   sorted(nan_steps))

@@ -76,6 +76,11 @@ def get_config() -> ml_collections.ConfigDict:
   # start, as DF-GAN/AttnGAN pretrain their text encoder (DAMSM) before the GAN: G and D then learn from
   # conditions that already tell the attributes apart, not from the random features of fresh encoders.
   c.gan_start = 0
+  # From gan_start on, the representation side updates on every rep_every-th iteration; the others run the GAN's
+  # G step alone on conditions computed without gradient (no representation losses or backward: a different
+  # split of compute between the parts). 1: every iteration (joint training); 0: never (the representation is
+  # frozen once the GAN starts, as DF-GAN trains its GAN on a fixed text encoder).
+  c.rep_every = 1
 
   # Data. `name` picks the pipeline in mmgan_jax/data/registry.py.
   c.data = ml_collections.ConfigDict(dict(

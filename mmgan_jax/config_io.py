@@ -20,7 +20,7 @@ FILENAME = 'config.json'
 # Fields added to configs/common.py after runs were saved, with the value that reproduces how those runs
 # trained; `load` fills them into an older config.json (and nothing else: any other missing field is an error
 # of the config checks).
-ADDED_FIELDS = {'gan_start': 0, 'model.image_encoder.stem': 'patch',
+ADDED_FIELDS = {'gan_start': 0, 'rep_every': 1, 'model.image_encoder.stem': 'patch',
                 'loss.sem_caption': 0.0, 'loss.source_consistency': 0.0, 'loss.cond_caption': 0.0,
                 'optim.condition_frozen_after': 0, 'refine.in_training': True,
                 'model.whiten_condition': False, 'model.whiten_eps': 1e-3, 'debug.nan_at_steps': (),

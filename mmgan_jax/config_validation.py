@@ -519,6 +519,8 @@ def _training(p: _Checker) -> None:
   total = p.integer('total_steps', 1)
   p.integer('gan_start', 0, None if total is None else total - 1,
             why='iterations of representation training before G and D start; 0 starts them at once')
+  p.integer('rep_every', 0, why='the representation side updates every N-th iteration once the GAN runs; 1 every '
+            'iteration, 0 never (frozen from gan_start on)')
   p.integer('optim.condition_frozen_after', 0, total,
             why='iteration from which the text and audio encoders and the fusion stop training; 0 never freezes them')
   p.integer('log_every', 1)

@@ -96,6 +96,7 @@ BAD = [
     ({'modality_dropout': 1.5}, 1, 'config.modality_dropout', '[0, 1]'),
     ({'total_steps': 0}, 1, 'config.total_steps', 'an integer >= 1'),
     ({'gan_start': 6}, 1, 'config.gan_start', 'an integer in [0, 5]'),  # the smoke config trains 6 steps
+    ({'rep_every': -1}, 1, 'config.rep_every', 'an integer >= 0'),
     ({'model.image_encoder.stem': 'resnet'}, 1, 'config.model.image_encoder.stem', "one of ('patch', 'conv')"),
     ({'model.image_encoder.stem': 'conv', 'model.image_encoder.patch_size': 6}, 1,
      'config.model.image_encoder.stem', 'not a power of 2'),

@@ -172,6 +172,31 @@ def test_gan_start_trains_only_the_representation(smoke):
     np.testing.assert_array_equal(a, b)
 
 
+def test_rep_every_trains_g_alone_between_representation_updates(smoke):
+  """With rep_every=2 the second iteration is the G-only step: the representation side's params and optimiser
+  state stand still, its terms are not logged, and G's update is the joint step's from the same state."""
+  s = dataclasses.replace(smoke, config=smoke_config(rep_every=2))
+  state, metrics, _ = run(s, smoke.state, 2)
+  assert 'align/loss' in metrics[0] and 'align/loss' not in metrics[1] and 'g/adv_loss' in metrics[1]
+  assert set(k for k in metrics[1] if k.startswith('grad_norm/')) == {'grad_norm/generator'}
+  batch, one = trainer.next_batch(s), jnp.ones(())
+  with jax.set_mesh(s.mesh):
+    joint, _ = s.steps.g_step(jax.tree.map(jnp.copy, state), batch, one)
+    alone, _ = s.steps.gan_step(jax.tree.map(jnp.copy, state), batch, one)
+  before, after = host(state.params), host(alone.params)
+  for name in before:
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])))
+    assert same == (name != 'generator'), name
+  # The same gradient for G: Adam's moments agree (its first update, ~lr * sign(g), would magnify rounding).
+  flat = lambda o: np.concatenate([np.ravel(x) for x in jax.tree.leaves(host(o.inner_states['gan']))])
+  a, b = flat(alone.opt_g), flat(joint.opt_g)
+  np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.max(np.abs(b))))
+  rep_before, rep_after = ({k: v for k, v in host(o.inner_states).items() if k != 'gan'}
+                           for o in (state.opt_g, alone.opt_g))
+  for a, b in zip(jax.tree.leaves(rep_before), jax.tree.leaves(rep_after)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_same_seed_same_losses_different_seed_different():
   s0 = one_device_setup(smoke_config())
   a = run(s0, s0.state, 1)[1][0]

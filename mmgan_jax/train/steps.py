@@ -70,6 +70,9 @@ class Steps:
   # The representation update alone (encoders, fusion, captioner, refiner; G and D unchanged): the iterations
   # before `config.gan_start`, so the GAN starts on conditions that already tell the attributes apart.
   rep_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+  # G's update alone on conditions computed without gradient (the representation side, its optimiser state
+  # included, unchanged): the iterations that `config.rep_every` leaves to the GAN.
+  gan_step: Callable[..., tuple[TrainState, Metrics]]
   # The raw gradients (for tests and debugging): D's with R1, and every G-side component's; (state, batch) or
   # (state, micro_batch, micro_index) for one micro-batch of gradient accumulation.
   d_grads: Callable[..., Any]
@@ -312,9 +315,17 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
         rep_params, state, batch, present, ks[1:4])
     return ks, rep_loss, terms, cond, rep_grads
 
-  def g_compute(state: TrainState, batch: Batch, micro=None):
-    """Gradients for every G-side component, the adaptive weight, and the loss terms."""
-    ks, rep_loss, terms, cond, rep_grads = rep_part(state, batch, micro)
+  def gan_part(state: TrainState, batch: Batch, micro):
+    """rep_part's keys and (stopped) conditions without the representation's losses: zero gradients."""
+    ks = keys(state, _G_STREAM, 12, micro)
+    present = sample_presence(model, ks[0], batch['image'].shape[0], config.modality_dropout)
+    rep_params = {k: v for k, v in g_side(state.params).items() if k != 'generator'}
+    return ks, None, {}, conditions(state, batch, present), jax.tree.map(jnp.zeros_like, rep_params)
+
+  def g_compute(state: TrainState, batch: Batch, micro=None, rep=rep_part):
+    """Gradients for every G-side component, the adaptive weight, and the loss terms (`rep=gan_part`: G's
+    alone, the other components' gradients zero and their terms absent)."""
+    ks, rep_loss, terms, cond, rep_grads = rep(state, batch, micro)
     b = batch['image'].shape[0]
 
     # Generator losses: the first half of the batch's conditions, two samples each (mode seeking), so G, R and
@@ -398,9 +409,12 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       metrics['g/sem_caption_loss'] = sem_cap
     metrics.update({'g/adv_loss': adv, 'g/sem_loss': sem, 'g/sem_acc': sem_acc, 'g/div_loss': div,
                     'g/div_distance': div_d, 'g/lambda_adv': lam, 'g/cond_reg': cond_reg,
-                    'g/total': lc.adv * lam * adv + sem + div + cond_reg,
-                    'rep/total': rep_loss})
+                    'g/total': lc.adv * lam * adv + sem + div + cond_reg})
+    if rep_loss is not None:
+      metrics['rep/total'] = rep_loss
     return grads, lam, metrics
+
+  gan_compute = functools.partial(g_compute, rep=gan_part)
 
   def rep_compute(state: TrainState, batch: Batch, micro=None):
     """The representation side's gradients alone (G's are zero): the steps before `gan_start`."""
@@ -420,6 +434,13 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       # advance the bias-correction count, making G's first real updates ~10x too large (beta2 = 0.99).
       opt_g = opt_g._replace(inner_states={**opt_g.inner_states, 'gan': state.opt_g.inner_states['gan']})
     new_params = dict(state.params, **optax.apply_updates(params_g, updates))
+    if compute is gan_compute:
+      # Only G trains: the representation side keeps its parameters (AdamW's momentum and weight decay would
+      # move them on zero gradients) and its optimiser state (its moments and schedule count stand still).
+      new_params = dict(state.params, generator=new_params['generator'])
+      opt_g = opt_g._replace(inner_states={k: v if k == 'gan' else state.opt_g.inner_states[k]
+                                           for k, v in opt_g.inner_states.items()})
+      grads = {'generator': grads['generator']}
     images_seen = state.adaptive['images_seen'] + b
     beta = losses.ema_decay(images_seen, half_life_images=config.ema.half_life_images,
                             rampup=config.ema.rampup, batch_size=b)
@@ -427,7 +448,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     new = state.replace(step=state.step + 1, params=new_params, opt_g=opt_g, ema=ema,
                         adaptive={**state.adaptive, 'lambda_adv': lam, 'images_seen': images_seen})
     norms = {f'grad_norm/{k}': optax.global_norm(v) for k, v in grads.items()}
-    ok = losses.all_finite((metrics['rep/total'], metrics.get('g/total', 0.0), list(norms.values())))
+    ok = losses.all_finite((metrics.get('rep/total', 0.0), metrics.get('g/total', 0.0), list(norms.values())))
     iteration_ok = ok if d_finite is None else ok & (d_finite > 0)
     new = _guard(ok, new, state, iteration_ok)
     metrics.update(norms)
@@ -461,4 +482,5 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   return Steps(d_step=with_rules(lambda s, b: d_step_impl(s, b, False)),
                d_step_r1=with_rules(lambda s, b: d_step_impl(s, b, True)), g_step=with_rules(g_step),
                rep_step=with_rules(lambda s, b: g_step(s, b, compute=rep_compute)),
+               gan_step=with_rules(lambda s, b, d_finite=None: g_step(s, b, d_finite, compute=gan_compute)),
                d_grads=with_rules(d_grads), g_grads=with_rules(g_grads))

@@ -316,8 +316,10 @@ def setup(config, workdir: str | None, *, devices=None, restore_step: int | None
   # G also takes the D step's `guard/d_finite` scalar (replicated), to count a bad iteration once.
   g_step = jax.jit(fns.g_step, in_shardings=(shardings, batch_sh, NamedSharding(mesh, P())),
                    out_shardings=(shardings, None), donate_argnums=0)
+  gan_step = jax.jit(fns.gan_step, in_shardings=(shardings, batch_sh, NamedSharding(mesh, P())),
+                     out_shardings=(shardings, None), donate_argnums=0)
   steps = dataclasses.replace(fns, d_step=jit(fns.d_step), d_step_r1=jit(fns.d_step_r1), g_step=g_step,
-                              rep_step=jit(fns.rep_step))
+                              rep_step=jit(fns.rep_step), gan_step=gan_step)
   return Setup(config, model, mesh, data, state, shardings, batch_sh, steps, checkpointer, start_step)
 
 
@@ -341,13 +343,16 @@ def _check_finite(streak: jax.Array | None, step: int, limit: int) -> None:
 
 def train_step(s: Setup, state, batch, step: int):
   """One iteration: D step (with lazy R1 every r1_interval) then G step; before `gan_start` the
-  representation step alone."""
+  representation step alone; after it, the G step trains the representation side on every `rep_every`-th
+  iteration only (G alone on the others)."""
   if step < s.config.gan_start:
     return s.steps.rep_step(state, batch)
   lc = s.config.loss
   use_r1 = lc.r1_gamma > 0 and lc.r1_interval > 0 and step % lc.r1_interval == 0
   state, d_metrics = (s.steps.d_step_r1 if use_r1 else s.steps.d_step)(state, batch)
-  state, g_metrics = s.steps.g_step(state, batch, d_metrics['guard/d_finite'])
+  every = s.config.rep_every
+  joint = every == 1 or (every > 1 and (step - s.config.gan_start) % every == 0)
+  state, g_metrics = (s.steps.g_step if joint else s.steps.gan_step)(state, batch, d_metrics['guard/d_finite'])
   return state, {**d_metrics, **g_metrics}
 
 
@@ -459,7 +464,7 @@ def _write_parameter_table(params, workdir: str, parameter_overview) -> None:
 
 def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
   host = fetch(history)
-  keys = host[-1].keys()
+  keys = dict.fromkeys(k for h in host for k in h)  # steps of different kinds log different terms
   out = {}
   for k in keys:
     vals = [float(h[k]) for h in host if k in h]

@@ -24,6 +24,8 @@ G step, two gradient paths:
                   lambda = |grad_last(semantic)| / |grad_last(adv)|  (VQGAN adaptive weight, last G layer).
   Both cotangents are pulled back through R and G with one vjp each, so the split costs no extra forward pass.
   With refine.in_training=False, K = 0: G trains on x itself and only sampling and evaluation refine.
+  `gan_step` is the generator path alone (conditions without gradient, no representation losses or backward):
+  the iterations that config.rep_every leaves to the GAN.
   EMA of G and R is updated in the step.
 
 Non-finite losses or gradients: the update is skipped (the state is kept), `adaptive['nonfinite']` counts

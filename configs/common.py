@@ -155,6 +155,9 @@ def get_config() -> ml_collections.ConfigDict:
       # 1 - |mean of one example's unit text and audio embeddings|^2: the sources of an example give one condition
       # (InfoNCE stops pulling once the positive outranks the negatives; whitening amplifies what is left).
       source_consistency=0.0,
+      # '' pulls every source toward their mean; a source's name ('text') holds that one fixed and pulls the
+      # others to it (docs/training.md, part 9).
+      source_anchor='',
       caption=1.0,  # captioning cross-entropy
       label_smoothing=0.1,
       denoise=1.0,  # refiner denoising loss on real latents

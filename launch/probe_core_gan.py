@@ -21,7 +21,9 @@ conditions G and D on a trained run's frozen text conditions instead of the labe
 model.whiten_condition does): how much the learned condition itself slows the core (docs/training.md,
 "Whitening the condition"). --cond_mix draws each example's condition from its text, its audio or both, as the
 full model's modality dropout does; --whiten_eps sets the whitening's eigenvalue floor (docs/training.md,
-"Conditions from three sources").
+"Conditions from three sources"). --cond_class_mean replaces each condition by the mean of its attribute set
+(is it the spread within a class or the class means themselves that slow the core?); --cond_stats prints
+each attribute's share of the variance and its discriminant (Fisher) ratios (docs/training.md, part 9).
 """
 
 import os
@@ -91,6 +93,10 @@ _MIX = flags.DEFINE_bool('cond_mix', False, "With --cond_from: each example's co
                          'redrawn every step; held-out samples still use text alone.')
 _WHITEN_EPS = flags.DEFINE_float('whiten_eps', 1e-3, "--cond_whiten's eigenvalue floor, relative to the largest "
                                   "eigenvalue (models/mmgan.py's WHITEN_EPS by default).")
+_CLASS_MEAN = flags.DEFINE_bool('cond_class_mean', False, "With --cond_from: replace every condition by the mean "
+                                 'of its source over the training examples with the same four attributes (no '
+                                 'wording or per-example variation left): is it the spread within a class, or '
+                                 'the geometry of the class means, that slows the core?')
 _PAIRS = flags.DEFINE_bool('pairs', False, "The full model's G step: half the batch's conditions, two samples each, "
                            'with the MSGAN term (--div).')
 _DIV = flags.DEFINE_float('div', 0.01, "With --pairs: the MSGAN term's weight (configs/shapes.py's loss.div).")
@@ -144,6 +150,8 @@ def main(argv):
     held_s = learned_conditions(_COND_FROM.value, [shapes.make_example(spec, 0, 'test', i)['captions'][0]
                                                    for i in range(256)], step)
     cond_dim = train_s.shape[-1]
+    if _CLASS_MEAN.value:
+      train_s, held_s = class_means(train_s, held_s, labels, held_out)
     raw_train_s = train_s
     if _STATS.value:
       return print_source_stats(train_s, labels) if _MIX.value else print_condition_stats(train_s, labels)
@@ -366,6 +374,36 @@ def learned_conditions(workdir, captions, step=None, audio=None):
   return np.concatenate(out)
 
 
+def class_means(train_s, held_s, labels, held_labels):
+  """--cond_class_mean: each training condition replaced by the mean, per source, of those with the same four
+  attributes; each held-out (text) condition by its attributes' training mean of the text source."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  keys = [tuple(a) for a in labels]
+  groups = {}
+  for i, k in enumerate(keys):
+    groups.setdefault(k, []).append(i)
+  means = {k: train_s[np.asarray(v)].mean(0) for k, v in groups.items()}
+  text = lambda m: m[0] if m.ndim == 2 else m
+  missing = [tuple(a) for a in held_labels if tuple(a) not in means]
+  if missing:
+    raise ValueError(f'{len(missing)} held-out attribute sets have no training example; raise --num_train.')
+  return (np.stack([means[k] for k in keys]),
+          np.stack([text(means[tuple(a)]) for a in held_labels]).astype(held_s.dtype))
+
+
+def fisher_ratios(s, y):
+  """The leading eigenvalues of S_w^-1 S_b (linear discriminant analysis) of one attribute: how far apart its
+  classes lie along each discriminant direction, in within-class standard deviations squared. k classes give
+  k - 1 directions; a small last one means two of the classes are hard to tell apart from s."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  classes = np.unique(y)
+  means = np.stack([s[y == k].mean(0) for k in classes])
+  within = sum(np.cov(s[y == k], rowvar=False) for k in classes) / len(classes)
+  between = np.cov(means, rowvar=False)
+  ev = np.linalg.eigvals(np.linalg.solve(within + 1e-6 * np.eye(len(within)), between)).real
+  return np.round(np.sort(ev)[::-1][:len(classes) - 1], 1).tolist()
+
+
 def print_condition_stats(s, labels):
   """Per attribute, the variance of its class means over the conditions' total variance (one-hot: ~equal)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -376,7 +414,7 @@ def print_condition_stats(s, labels):
   for i, name in enumerate(shapes.ATTRIBUTE_NAMES):
     between = sum(np.mean(labels[:, i] == k) * np.sum(centred[labels[:, i] == k].mean(0) ** 2)
                   for k in np.unique(labels[:, i]))
-    print(f'{name}: {between / total:.3f} of the variance')
+    print(f'{name}: {between / total:.3f} of the variance; Fisher ratios {fisher_ratios(s, labels[:, i])}')
 
 
 def print_source_stats(s3, labels):

@@ -22,6 +22,7 @@ FILENAME = 'config.json'
 # of the config checks).
 ADDED_FIELDS = {'gan_start': 0, 'rep_every': 1, 'model.image_encoder.stem': 'patch',
                 'loss.sem_caption': 0.0, 'loss.source_consistency': 0.0, 'loss.cond_caption': 0.0,
+                'loss.source_anchor': '',
                 'optim.condition_frozen_after': 0, 'refine.in_training': True,
                 'model.whiten_condition': False, 'model.whiten_eps': 1e-3, 'debug.nan_at_steps': (),
                 'model.discriminator.cond_head': False, 'loss.cond_reg': 1.0}

@@ -538,6 +538,8 @@ def _training(p: _Checker) -> None:
   for w in ('adv', 'sem', 'sem_caption', 'cond_caption', 'div', 'align', 'source_consistency', 'caption', 'denoise',
             'mismatch', 'r1_gamma', 'cond_reg'):
     p.real(f'loss.{w}', 0, why='a loss weight; 0 switches the term off')
+  p.choice('loss.source_anchor', ('',) + tuple(mmgan.GENERATE_SOURCES),
+           why="'' pulls the sources toward their mean, a source's name pulls the others to that one")
   p.flag('loss.adaptive')
   p.real('loss.adaptive_max', 0, lo_open=True)
   p.real('loss.label_smoothing', 0, 1, hi_open=True)

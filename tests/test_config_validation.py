@@ -85,6 +85,7 @@ BAD = [
     ({'optim.frozen': ('generator',)}, 1, 'config.optim.frozen', "('text_encoder', 'image_encoder'"),
     ({'loss.sem': -1.0}, 1, 'config.loss.sem', '[0, inf)'),
     ({'loss.source_consistency': -1.0}, 1, 'config.loss.source_consistency', '[0, inf)'),
+    ({'loss.source_anchor': 'image'}, 1, 'config.loss.source_anchor', "('', 'text', 'audio')"),
     ({'loss.cond_caption': 1.0, 'model.embed_dim': 16}, 1, 'config.loss.cond_caption',
      'model.width == model.embed_dim'),
     ({'optim.condition_frozen_after': 7}, 1, 'config.optim.condition_frozen_after', 'an integer in [0, 6]'),

@@ -126,7 +126,8 @@ def test_caption_consistency_alone_trains_g_and_an_image_only_captioner(smoke):
 
 def test_condition_terms_alone_train_exactly_the_condition_path(smoke):
   """loss.cond_caption and loss.source_consistency with every other loss off: their gradients reach the text and
-  audio encoders, the fusion and the captioner, and nothing else (the image encoder and G get none)."""
+  audio encoders, the fusion and the captioner, and nothing else (the image encoder and G get none); with
+  loss.source_anchor='text' the consistency term leaves the text encoder alone."""
   off = {f'loss.{w}': 0.0 for w in ('adv', 'sem', 'div', 'align', 'caption', 'denoise')}
   config = smoke_config(**off, **{'loss.cond_caption': 1.0, 'loss.source_consistency': 1.0})
   fns = make_steps(smoke.model, config, tx_g=None, tx_d=None)
@@ -137,6 +138,12 @@ def test_condition_terms_alone_train_exactly_the_condition_path(smoke):
     assert size(name) > 0 and np.isfinite(size(name)), name
   for name in ('image_encoder', 'generator', 'refiner'):
     assert size(name) == 0, name
+  # loss.source_anchor='text' holds the text's embedding: the consistency term alone moves the audio side only.
+  config = smoke_config(**off, **{'loss.source_consistency': 1.0, 'loss.source_anchor': 'text'})
+  fns = make_steps(smoke.model, config, tx_g=None, tx_d=None)
+  with jax.set_mesh(smoke.mesh):
+    grads = host(jax.jit(fns.g_grads)(smoke.state, trainer.next_batch(smoke)))
+  assert size('audio_encoder') > 0 and size('text_encoder') == 0
 
 
 def test_train_steps_run_and_report(smoke):

@@ -271,7 +271,10 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       total = total + lc.align * terms['align/loss']
     if consistency_on:
       # One example's text and audio should give one condition (docs/training.md, part 6).
-      terms['align/source_gap'] = losses.source_gap([enc['embed'][m] for m in gen_sources])
+      # With loss.source_anchor the anchor's embedding is held: the other sources move to it, it does not move
+      # to them (symmetric pulling let the text drop the shape distinctions the audio makes weakly).
+      hold = lambda m, e: jax.lax.stop_gradient(e) if m == lc.source_anchor else e
+      terms['align/source_gap'] = losses.source_gap([hold(m, enc['embed'][m]) for m in gen_sources])
       total = total + lc.source_consistency * terms['align/source_gap']
     if captions_on or sem_caption_on or cond_caption_on:
       ids, targets, mask = text_decoder.shift_for_teacher_forcing(batch['text_ids'], pad_id)

@@ -34,7 +34,7 @@ def minilm_dir() -> str:
   return os.path.join(os.path.dirname(spec.origin), 'model')
 
 
-def fast_split(c):
+def fast_split(c, steps: int = 4000):
   """The demo's split of 15 CPU minutes between the parts (docs/training.md, parts 8 and 9), measured there.
 
   The representation (encoders, fusion with cross-attention, captioner, refiner) trains alone for 1000
@@ -46,8 +46,8 @@ def fast_split(c):
   (part 5); the captioner must read it alone and the text and audio of one example must give one condition
   (part 6); a larger adversarial weight (adv 10) with the adaptive weight.
   """
-  c.total_steps = 4000
-  c.gan_start, c.rep_every = 1000, 0
+  c.total_steps = steps
+  c.gan_start, c.rep_every = steps // 4, 0  # the representation's warm-up: the first quarter
   c.sample_every = c.checkpoint_every = c.eval_every = 1000
   c.model.generator.update(channels=(64, 32, 16, 8), cross_attention_max_res=0)
   c.model.discriminator.channels = (8, 16, 32, 64)
@@ -74,7 +74,7 @@ def get_config(arg: str | None = None):
   # diversity reward at 0.1 made G add variation the data do not have. A tenth of it keeps G from collapsing z.
   c.loss.div = 0.01
   if not arg.smoke:
-    fast_split(c)
+    fast_split(c, arg.steps or 4000)
   if arg.res == 64:
     c.model.generator.channels = (128, 64, 32, 16, 16)
     c.model.discriminator.channels = (16, 16, 32, 64, 128)
@@ -90,6 +90,4 @@ def get_config(arg: str | None = None):
     c.data.tokenizer.update(path=path, pad='[PAD]', bos='[CLS]', eos='[SEP]')  # BERT's own WordPiece vocabulary
   if arg.steps:
     c.total_steps = arg.steps
-    if not arg.smoke:  # the representation's warm-up keeps its quarter of the schedule
-      c.gan_start = arg.steps // 4
   return c

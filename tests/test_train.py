@@ -129,20 +129,20 @@ def test_condition_terms_alone_train_exactly_the_condition_path(smoke):
   audio encoders, the fusion and the captioner, and nothing else (the image encoder and G get none); with
   loss.source_anchor='text' the consistency term leaves the text encoder alone."""
   off = {f'loss.{w}': 0.0 for w in ('adv', 'sem', 'div', 'align', 'caption', 'denoise')}
-  config = smoke_config(**off, **{'loss.cond_caption': 1.0, 'loss.source_consistency': 1.0})
-  fns = make_steps(smoke.model, config, tx_g=None, tx_d=None)
-  with jax.set_mesh(smoke.mesh):
-    grads = host(jax.jit(fns.g_grads)(smoke.state, trainer.next_batch(smoke)))
+
+  def grads_with(**terms):
+    fns = make_steps(smoke.model, smoke_config(**off, **terms), tx_g=None, tx_d=None)
+    with jax.set_mesh(smoke.mesh):
+      return host(jax.jit(fns.g_grads)(smoke.state, trainer.next_batch(smoke)))
+
+  grads = grads_with(**{'loss.cond_caption': 1.0, 'loss.source_consistency': 1.0})
   size = lambda name: sum(float(np.abs(x).sum()) for x in jax.tree.leaves(grads[name]))
   for name in ('text_encoder', 'audio_encoder', 'fusion', 'text_decoder'):
     assert size(name) > 0 and np.isfinite(size(name)), name
   for name in ('image_encoder', 'generator', 'refiner'):
     assert size(name) == 0, name
   # loss.source_anchor='text' holds the text's embedding: the consistency term alone moves the audio side only.
-  config = smoke_config(**off, **{'loss.source_consistency': 1.0, 'loss.source_anchor': 'text'})
-  fns = make_steps(smoke.model, config, tx_g=None, tx_d=None)
-  with jax.set_mesh(smoke.mesh):
-    grads = host(jax.jit(fns.g_grads)(smoke.state, trainer.next_batch(smoke)))
+  grads = grads_with(**{'loss.source_consistency': 1.0, 'loss.source_anchor': 'text'})
   assert size('audio_encoder') > 0 and size('text_encoder') == 0
 
 

@@ -10,7 +10,8 @@ component has a switch here (DESIGN.md "losses" and "adaptive" rows), so an abla
   contrastive off           --config.loss.align=0 --config.loss.sem=0
   adaptive weighting off    --config.loss.adaptive=False --config.diffusion_gan.adaptive=False
   a modality off            --config.model.modalities="('image','text')"      (image is required)
-  D's condition head on     --config.model.discriminator.cond_head=True [--config.loss.cond_reg=W]  (off by default)
+  D's condition head on     --config.model.discriminator.cond_head=True [--config.loss.cond_reg=W]  (off here; the
+                            shapes demo's names the caption's words: cond_head_target='words')
 """
 
 from __future__ import annotations
@@ -120,8 +121,11 @@ def get_config() -> ml_collections.ConfigDict:
   # downsample='stride': each down conv is evaluated at every other pixel. StyleGAN2's average pool before the
   # conv blurs 6-10 px objects; a D built that way classified the shapes of real images at 0.54 after 800
   # supervised steps, strided at 0.90 (docs/training.md, "Why D could not see shapes").
+  # cond_head: a linear head on D's features predicts cond_head_target from real images, G's samples are scored by
+  # it (loss.cond_reg): 'condition' regresses the (whitened) condition (InfoGAN's Q), 'words' names which
+  # vocabulary words the example's caption holds (AC-GAN with the caption's words as labels).
   m.discriminator = dict(channels=(16, 32, 64, 128), noise_aware=True, projection=True, mbstd_group_size=4,
-                         num_timesteps=1000, downsample='stride', cond_head=False)
+                         num_timesteps=1000, downsample='stride', cond_head=False, cond_head_target='condition')
   m.text_decoder = dict(width=64, depth=2, num_heads=4)
   m.codec = dict(type='identity', channels=(64, 128), latent_channels=4, num_res_blocks=1, num_groups=16,
                  checkpoint='')  # kl: path of a stage-1 codec checkpoint (launch/train_codec.py)

@@ -44,16 +44,18 @@ def fast_split(c, steps: int = 4000):
   at 6000 iterations with labels). The refiner acts at sampling and evaluation, not in G's training path
   (1.77 against 1.22 it/s, part 7). The condition G and D read is ZCA-whitened with an eigenvalue floor of 0.03
   (part 5); the captioner must read it alone and the text and audio of one example must give one condition
-  (part 6); a larger adversarial weight (adv 10) with the adaptive weight.
+  (part 6); a larger adversarial weight (adv 10) with the adaptive weight. D's condition head names the caption's
+  words from D's features (AC-GAN with the caption's words as labels; part 10): text->image shape 38 % against
+  31 %, all four 36 % against 25 % on seed 0.
   """
   c.total_steps = steps
   c.gan_start, c.rep_every = steps // 4, 0  # the representation's warm-up: the first quarter
   c.sample_every = c.checkpoint_every = c.eval_every = 1000
   c.model.generator.update(channels=(64, 32, 16, 8), cross_attention_max_res=0)
-  c.model.discriminator.channels = (8, 16, 32, 64)
+  c.model.discriminator.update(channels=(8, 16, 32, 64), cond_head=True, cond_head_target='words')
   c.model.update(whiten_condition=True, whiten_eps=0.03)
   c.refine.in_training = False
-  c.loss.update(adv=10.0, cond_caption=1.0, source_consistency=10.0)
+  c.loss.update(adv=10.0, cond_caption=1.0, source_consistency=10.0, cond_reg=1.0)
   return c
 
 

@@ -25,7 +25,8 @@ ADDED_FIELDS = {'gan_start': 0, 'rep_every': 1, 'model.image_encoder.stem': 'pat
                 'loss.source_anchor': '',
                 'optim.condition_frozen_after': 0, 'refine.in_training': True,
                 'model.whiten_condition': False, 'model.whiten_eps': 1e-3, 'debug.nan_at_steps': (),
-                'model.discriminator.cond_head': False, 'loss.cond_reg': 1.0}
+                'model.discriminator.cond_head': False, 'loss.cond_reg': 1.0,
+                'model.discriminator.cond_head_target': 'condition'}
 
 
 def path(workdir: str) -> str:

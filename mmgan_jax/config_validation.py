@@ -338,6 +338,11 @@ def _model(p: _Checker, modalities: tuple[str, ...] | None, latent: int | None) 
   p.flag(f'{d}.noise_aware')
   p.flag(f'{d}.projection')
   p.choice(f'{d}.downsample', generator.DOWNSAMPLE_MODES)
+  words = p.choice(f'{d}.cond_head_target', ('condition', 'words'),
+                   why="what D's condition head predicts from its features: the condition vector, or which words "
+                   'the caption has') == 'words'
+  if words and 'text' not in tuple(p.get('model.modalities', ())):
+    p.add(f'{d}.cond_head_target', 'words', "predicts caption words: needs 'text' in model.modalities.")
   if p.flag(f'{d}.cond_head') and p.get('loss.cond_reg', 0) == 0:
     p.add(f'{d}.cond_head', True, 'the condition head trains on nothing with loss.cond_reg=0: set loss.cond_reg > 0, '
           'or cond_head=False.')

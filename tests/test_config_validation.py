@@ -103,6 +103,8 @@ BAD = [
      'config.model.image_encoder.stem', 'not a power of 2'),
     ({'loss.sem_caption': 1.0, 'model.modalities': ('image', 'audio')}, 1, 'config.loss.sem_caption',
      'allowed here: 0'),
+    ({'model.discriminator.cond_head_target': 'tokens'}, 1, 'config.model.discriminator.cond_head_target',
+     "('condition', 'words')"),
     ({'model.discriminator.cond_head': True, 'loss.cond_reg': 0.0}, 1, 'config.model.discriminator.cond_head',
      'loss.cond_reg > 0'),
     ({'model.whiten_eps': 0.0}, 1, 'config.model.whiten_eps', '(0.0, 1.0]'),

@@ -189,3 +189,6 @@ def test_condition_head_reads_the_image_alone_and_trains():
   np.testing.assert_array_equal(logits, jax.jit(plain.apply)(head_free, y, t, s)[0])
   grads = jax.grad(lambda p: jnp.mean(jnp.square(disc.apply(p, y, t, s)[1]['cond_pred'] - s)))(params)
   assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads['params']['cond_head']))
+  words = D.Discriminator(RES, CHANNELS, COND_DIM, t_embed_dim=16, cond_head=True, head_dim=11)  # one per word
+  _, w_params, w_apply = _build(words)
+  assert w_apply(w_params, y, t, s)[1]['cond_pred'].shape == (4, 11)

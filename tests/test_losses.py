@@ -288,3 +288,14 @@ def test_condition_regression_is_the_mean_squared_error_with_no_gradient_into_th
   g_pred, g_cond = jax.grad(L.condition_regression, argnums=(0, 1))(jnp.asarray(pred), jnp.asarray(cond))
   np.testing.assert_allclose(g_pred, 2 * (pred - cond) / pred.size, rtol=1e-5)
   assert float(jnp.max(jnp.abs(g_cond))) == 0.0
+
+
+def test_word_presence_loss_is_the_summed_sigmoid_cross_entropy_of_the_caption_bag_of_words():
+  from mmgan_jax.models import text_decoder  # pylint: disable=g-import-not-at-top
+  ids = np.array([[1, 4, 4, 2, 0], [1, 3, 2, 0, 0]])
+  mask = ids != 0
+  present = np.asarray(text_decoder.words_present(ids, mask, 6))
+  np.testing.assert_array_equal(present, [[0, 1, 1, 0, 1, 0], [0, 1, 1, 1, 0, 0]])  # padding (id 0) is no word
+  logits = np.random.default_rng(0).normal(size=(2, 6)).astype(np.float32)
+  ref = np.mean(np.sum(softplus(logits) - present * logits, axis=1))  # -y log s(l) - (1 - y) log(1 - s(l))
+  np.testing.assert_allclose(L.word_presence_loss(logits, present), ref, rtol=1e-5)

@@ -324,9 +324,11 @@ def test_component_switches_change_the_model(overrides, check):
 
 def test_loss_switches_change_the_step():
   """Adaptive weighting off -> lambda 1; plain D -> no instance noise (T_max stays 0); sem/align off -> no terms;
-  D's condition head -> D fits it and G's gradient carries the regression term (loss.cond_reg)."""
+  D's condition head naming the caption's words (the demo's) -> one logit per vocabulary word, D fits it and G's
+  gradient carries the term (loss.cond_reg)."""
   switches = {'loss.adaptive': False, 'model.discriminator.noise_aware': False, 'loss.sem': 0.0, 'loss.align': 0.0,
-              'diffusion_gan.t_max_init': 10.0, 'refine.num_steps': 0, 'model.discriminator.cond_head': True}
+              'diffusion_gan.t_max_init': 10.0, 'refine.num_steps': 0, 'model.discriminator.cond_head': True,
+              'model.discriminator.cond_head_target': 'words'}
   config = smoke_config(**switches)
   s = one_device_setup(config)
   state, metrics, _ = run(s, s.state, 2)
@@ -337,6 +339,7 @@ def test_loss_switches_change_the_step():
     assert float(m['d/cond_reg']) > 0 and float(m['g/cond_reg']) > 0
   assert float(state.adaptive['t_max']) == 10.0  # not adapted when D is not noise-aware
   head = lambda st: host(st.params['discriminator']['cond_head'])
+  assert head(state)['kernel'].shape[-1] == s.data.text_codec.vocab_size
   assert not np.allclose(head(state)['kernel'], head(s.state)['kernel'])  # only the regression trains it
   batch = trainer.next_batch(s)
   g_grads = lambda c: host(jax.jit(make_steps(s.model, c, None, None).g_grads)(state, batch)['generator'])

@@ -15,12 +15,14 @@ Layout for resolution R and channels (c_R, c_{R/2}, ..., c_4):
   epilogue at 4x4: minibatch stddev (+1 channel), conv3x3, lrelu, flatten,
       phi = lrelu(EqualDense(F)(flat) + dense(temb)), F = c_4
   logit = EqualDense(1)(phi) [+ sum(EqualDense(F)(s) * phi, -1) if projection]
-  [cond_pred = EqualDense(cond_dim)(phi) if cond_head]
+  [cond_pred = EqualDense(head_dim or cond_dim)(phi) if cond_head]
 
 With cond_head=True a linear head on phi also predicts the condition s (aux['cond_pred']): InfoGAN's Q network for
 a continuous code (Chen et al. 2016), the label-free form of AC-GAN's classifier (Odena et al. 2017). D fits it
 on real images and G is asked to make its samples' prediction match their condition (train/steps.py): D's
 strided features see shape far better than the image encoder behind the semantic loss (docs/training.md).
+With head_dim = the vocabulary size the same head names the words of the example's caption instead (AC-GAN's
+classifier with the caption's words as its labels; the steps choose the loss, model.discriminator.cond_head_target).
 
 Downsampling (`downsample`, see `EqualConv`) is 'avg' (a 2x2 average pool, then a stride-1 conv: StyleGAN2's
 low-pass), 'max' (a 2x2 max pool, then the conv) or 'stride' (a stride-2 conv, no low-pass; the configs' choice:
@@ -106,6 +108,7 @@ class Discriminator(nn.Module):
     t_embed_dim: width of the sinusoidal timestep embedding and its MLP.
     downsample: 'avg', 'max' or 'stride' (see the module docstring).
     cond_head: also predict s from phi (aux['cond_pred'], (B, cond_dim) float32).
+    head_dim: the head's output width instead of cond_dim (e.g. one logit per caption word).
   """
 
   resolution: int
@@ -117,6 +120,7 @@ class Discriminator(nn.Module):
   t_embed_dim: int = 64
   downsample: str = 'avg'
   cond_head: bool = False
+  head_dim: int = 0  # the head's width: 0 is cond_dim (the condition); the vocabulary size for caption words
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -162,5 +166,5 @@ class Discriminator(nn.Module):
       logits = logits + jnp.sum(embed.astype(jnp.float32) * phi.astype(jnp.float32), axis=-1)
     aux = {'features': phi.astype(jnp.float32)}
     if self.cond_head:
-      aux['cond_pred'] = EqualDense(self.cond_dim, name='cond_head', **kw)(phi).astype(jnp.float32)
+      aux['cond_pred'] = EqualDense(self.head_dim or self.cond_dim, name='cond_head', **kw)(phi).astype(jnp.float32)
     return logits, aux

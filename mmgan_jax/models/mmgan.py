@@ -156,6 +156,7 @@ def build_model(cfg, *, image_size: int, vocab_size: int, max_text_len: int, sam
   disc = Discriminator(resolution=latent[0], channels=tuple(d.channels), cond_dim=cfg.embed_dim,
                        noise_aware=d.noise_aware, projection=d.projection, mbstd_group_size=d.mbstd_group_size,
                        downsample=d.downsample, cond_head=bool(getattr(d, 'cond_head', False)),
+                       head_dim=vocab_size if getattr(d, 'cond_head_target', 'condition') == 'words' else 0,
                        name='discriminator', **kw)
   dec = None
   if 'text' in modalities:

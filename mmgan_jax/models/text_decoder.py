@@ -80,6 +80,12 @@ class TextDecoder(nn.Module):
     return layers.dense(self.vocab_size, ('embed', 'vocab'), name='logits', **kw)(x)
 
 
+def words_present(text_ids: Array, mask: Array, vocab_size: int) -> Array:
+  """(B, vocab_size) float32: 1 where the (unmasked) caption holds the token, else 0 (a bag of words)."""
+  hot = jax.nn.one_hot(text_ids, vocab_size, dtype=jnp.float32) * mask[..., None].astype(jnp.float32)
+  return jnp.max(hot, axis=1)
+
+
 def shift_for_teacher_forcing(text_ids: Array, pad_id: int) -> tuple[Array, Array, Array]:
   """BOS w1 .. wn EOS PAD.. -> (ids = text_ids[:, :-1], targets = text_ids[:, 1:], mask = targets != pad)."""
   ids, targets = text_ids[:, :-1], text_ids[:, 1:]

@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from mmgan_jax.models.layers import l2_normalize  # noqa: F401  (re-exported)
 from mmgan_jax.models.diffusion import q_sample
@@ -84,6 +85,13 @@ def condition_regression(pred: Array, cond: Array) -> Array:
   InfoGAN's Q loss for a continuous code (a unit-variance Gaussian's negative log-likelihood, up to constants
   and a 1/E factor). About 1 for a zero prediction of whitened conditions (model.whiten_condition)."""
   return jnp.mean(jnp.square(_f32(pred) - jax.lax.stop_gradient(_f32(cond))))
+
+
+def word_presence_loss(logits: Array, present: Array) -> Array:
+  """Multi-label cross-entropy of D's word head: sigmoid BCE per vocabulary word, summed over the vocabulary
+  (one binary term per word a caption may hold) and averaged over the batch. `present` (B, V) in {0, 1}."""
+  bce = optax.sigmoid_binary_cross_entropy(_f32(logits), jax.lax.stop_gradient(_f32(present)))
+  return jnp.mean(jnp.sum(bce, axis=-1))
 
 
 def r1_penalty(d_fn: Callable[..., Array], y: Array, *args: Any) -> tuple[Array, Array]:

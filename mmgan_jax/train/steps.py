@@ -137,6 +137,14 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   semantic_on = lc.sem > 0 or lc.div > 0 or sem_caption_on
   adaptive_on = bool(lc.adaptive) and semantic_on and lc.adv > 0
   cond_reg_on = model.discriminator.cond_head and lc.cond_reg > 0
+  words_on = cond_reg_on and model.discriminator.head_dim > 0  # the head names the caption's words
+
+  def head_loss(pred, cond, ids, mask):
+    """D's condition head against its target: the caption's words (a multi-label classifier, AC-GAN with the
+    caption's words as the labels) or the condition vector (InfoGAN's Q)."""
+    if words_on:
+      return losses.word_presence_loss(pred, text_decoder.words_present(ids, mask, model.vocab_size))
+    return losses.condition_regression(pred, cond)
   pairs = list(itertools.combinations(model.modalities, 2))
   gen_sources = [m for m in model.generate_sources if m in model.encoders]
   consistency_on = lc.source_consistency > 0 and len(gen_sources) >= 2
@@ -216,8 +224,8 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       fake = d(y_fake, t_fake, c)
       mismatch = d(y_real, t_real, c_mismatch) if lc.mismatch > 0 else None
       loss, aux = losses.d_logistic_loss(real, fake, mismatch, mismatch_weight=lc.mismatch)
-      if cond_reg_on:  # D learns to read the condition off real images (InfoGAN's Q)
-        aux['cond_reg'] = losses.condition_regression(real_pred, c)
+      if cond_reg_on:  # D learns to read the condition (or the caption's words) off real images
+        aux['cond_reg'] = head_loss(real_pred, c, batch['text_ids'], batch['text_mask'])
         loss = loss + lc.cond_reg * aux['cond_reg']
       if with_r1:
         penalty, _ = losses.r1_penalty(lambda y: d(y, t_real, c), y_real)
@@ -356,7 +364,8 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       if not cond_reg_on:
         return losses.g_nonsaturating_loss(mmgan.discriminate(model, frozen['discriminator'], y, t, c)), jnp.zeros(())
       logits, pred = mmgan.discriminate_with_condition(model, frozen['discriminator'], y, t, c)
-      return losses.g_nonsaturating_loss(logits), lc.cond_reg * losses.condition_regression(pred, c)
+      ids, mask = _tile2((batch['text_ids'][:b], batch['text_mask'][:b]))  # the captions of G's conditions
+      return losses.g_nonsaturating_loss(logits), lc.cond_reg * head_loss(pred, c, ids, mask)
 
     def sem_fn(xr):
       zero = jnp.zeros((), jnp.float32)

@@ -24,6 +24,9 @@ full model's modality dropout does; --whiten_eps sets the whitening's eigenvalue
 "Conditions from three sources"). --cond_class_mean replaces each condition by the mean of its attribute set
 (is it the spread within a class or the class means themselves that slow the core?); --cond_stats prints
 each attribute's share of the variance and its discriminant (Fisher) ratios (docs/training.md, part 9).
+--cond_words replaces each condition by the probabilities of the caption's words read off it by a fitted linear
+head (a label-like code); --cond_readout (with --cond_mix) prints how well a linear classifier reads each
+attribute off s, per source: the most of each attribute a G reading s could draw (docs/training.md, part 11).
 """
 
 import os
@@ -97,6 +100,12 @@ _CLASS_MEAN = flags.DEFINE_bool('cond_class_mean', False, "With --cond_from: rep
                                  'of its source over the training examples with the same four attributes (no '
                                  'wording or per-example variation left): is it the spread within a class, or '
                                  'the geometry of the class means, that slows the core?')
+_WORDS = flags.DEFINE_bool('cond_words', False, "With --cond_from: replace every condition s by the probabilities "
+                           "of the caption's words that a linear head reads off s (fitted here on the training "
+                           "conditions, multi-label logistic regression on the bag of words): a label-like code.")
+_READOUT = flags.DEFINE_bool('cond_readout', False, "With --cond_from --cond_mix: fit a softmax classifier per "
+                             'attribute on the training conditions of each source (text, audio, both) and print '
+                             'its accuracy on 1000 held-out examples, then exit.')
 _PAIRS = flags.DEFINE_bool('pairs', False, "The full model's G step: half the batch's conditions, two samples each, "
                            'with the MSGAN term (--div).')
 _DIV = flags.DEFINE_float('div', 0.01, "With --pairs: the MSGAN term's weight (configs/shapes.py's loss.div).")
@@ -152,7 +161,12 @@ def main(argv):
     cond_dim = train_s.shape[-1]
     if _CLASS_MEAN.value:
       train_s, held_s = class_means(train_s, held_s, labels, held_out)
+    if _WORDS.value:
+      train_s, held_s = word_code(_COND_FROM.value, step, train_s, held_s, train_caps)
+      cond_dim = train_s.shape[-1]
     raw_train_s = train_s
+    if _READOUT.value:
+      return print_readout(_COND_FROM.value, step, train_s, labels, spec)
     if _STATS.value:
       return print_source_stats(train_s, labels) if _MIX.value else print_condition_stats(train_s, labels)
     if _WHITEN.value:
@@ -372,6 +386,82 @@ def learned_conditions(workdir, captions, step=None, audio=None):
   out = [np.asarray(encode(sampler._batch(min(256, n_all - i), text=chunk(captions, i), audio=chunk(audio, i))))  # pylint: disable=protected-access
          for i in range(0, n_all, 256)]
   return np.concatenate(out)
+
+
+def word_code(workdir, step, train_s, held_s, captions, steps=1500):
+  """--cond_words: sigmoid(s W + b), W fitted by full-batch Adam on the bag of words of each example's caption."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from mmgan_jax.models import text_decoder  # pylint: disable=g-import-not-at-top
+  from mmgan_jax.train import losses  # pylint: disable=g-import-not-at-top
+  model, _ = load_run(workdir, step)
+  batch = _RUNS[workdir, step][0]._batch(len(captions), text=captions)  # pylint: disable=protected-access
+  y = np.asarray(text_decoder.words_present(jnp.asarray(batch['text_ids']), jnp.asarray(batch['text_mask']),
+                                            model.vocab_size), np.float32)
+  keep = y.max(0) > 0  # words some caption holds
+  y = y[:, keep]
+  x = train_s.reshape(len(captions), -1, train_s.shape[-1])
+  xs, ys = jnp.asarray(x.reshape(-1, x.shape[-1])), jnp.asarray(np.repeat(y, x.shape[1], 0))
+  params = {'w': jnp.zeros((xs.shape[1], ys.shape[1])), 'b': jnp.zeros((ys.shape[1],))}
+  tx = optax.adam(1e-2)
+  loss = lambda p: losses.word_presence_loss(xs @ p['w'] + p['b'], ys) / ys.shape[1]
+
+  @jax.jit
+  def step_fn(p, o):
+    l, g = jax.value_and_grad(loss)(p)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o, l
+  opt = tx.init(params)
+  for i in range(steps):
+    params, opt, l = step_fn(params, opt)
+    if i % 500 == 0 or i == steps - 1:
+      print(f'word head step {i}: BCE per word {float(l):.4f}', flush=True)
+  code = lambda s: np.asarray(jax.nn.sigmoid(jnp.asarray(s) @ params['w'] + params['b']))
+  print(f'word code: {int(keep.sum())} words', flush=True)
+  return code(train_s).astype(np.float32), code(held_s).astype(np.float32)
+
+
+def print_readout(workdir, step, train_s, labels, spec, num_held_out=1000, steps=1000):
+  """--cond_readout: held-out accuracy of a linear softmax classifier of each attribute, per source."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from mmgan_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  if train_s.ndim != 3:
+    raise ValueError('--cond_readout needs --cond_mix (the text, audio and both conditions of each example).')
+  held = [shapes.make_example(spec, 0, 'test', i) for i in range(num_held_out)]
+  held_labels = np.stack([e['attributes'] for e in held])
+  captions = [e['captions'][0] for e in held]
+  audio = np.stack([e['audio'] for e in held])
+  held_s = [learned_conditions(workdir, captions, step), learned_conditions(workdir, None, step, audio=audio),
+            learned_conditions(workdir, captions, step, audio=audio)]
+  tx = optax.adam(1e-2)
+
+  def fit(x, y, k):
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(x @ p['w'] + p['b'], y).mean()
+
+    @jax.jit
+    def update(p, o):
+      u, o = tx.update(jax.grad(loss)(p), o, p)
+      return optax.apply_updates(p, u), o
+    p = {'w': jnp.zeros((x.shape[1], k)), 'b': jnp.zeros((k,))}
+    o = tx.init(p)
+    for _ in range(steps):
+      p, o = update(p, o)
+    return p
+
+  names = ('shape', 'colour', 'size', 'position')
+  for j, source in enumerate(('text', 'audio', 'both')):
+    accs = []
+    for a, k in enumerate(shapes.NUM_CLASSES):
+      p = fit(train_s[:, j], labels[:, a], k)
+      accs.append(np.mean(np.argmax(held_s[j] @ np.asarray(p['w']) + np.asarray(p['b']), -1) == held_labels[:, a]))
+    print(f'linear read-out of s from {source:5s}: ' + '  '.join(f'{n} {100 * v:.1f}' for n, v in zip(names, accs)),
+          flush=True)
 
 
 def class_means(train_s, held_s, labels, held_labels):

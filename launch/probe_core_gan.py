@@ -388,12 +388,33 @@ def learned_conditions(workdir, captions, step=None, audio=None):
   return np.concatenate(out)
 
 
+def fit_linear(x, out_dim, loss, steps, log=''):
+  """{'w', 'b'} of a linear map x (N, E) -> (N, out_dim) minimising loss(logits), full-batch Adam at 1e-2 from zero;
+  with `log`, the loss is printed every 500 steps."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  tx = optax.adam(1e-2)
+
+  @jax.jit
+  def update(p, o):
+    l, g = jax.value_and_grad(lambda p: loss(x @ p['w'] + p['b']))(p)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), o, l
+  p = {'w': jnp.zeros((x.shape[1], out_dim)), 'b': jnp.zeros((out_dim,))}
+  o = tx.init(p)
+  for i in range(steps):
+    p, o, l = update(p, o)
+    if log and (i % 500 == 0 or i == steps - 1):
+      print(f'{log} step {i}: loss {float(l):.4f}', flush=True)
+  return p
+
+
 def word_code(workdir, step, train_s, held_s, captions, steps=1500):
   """--cond_words: sigmoid(s W + b), W fitted by full-batch Adam on the bag of words of each example's caption."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   from mmgan_jax.models import text_decoder  # pylint: disable=g-import-not-at-top
   from mmgan_jax.train import losses  # pylint: disable=g-import-not-at-top
   model, _ = load_run(workdir, step)
@@ -404,20 +425,8 @@ def word_code(workdir, step, train_s, held_s, captions, steps=1500):
   y = y[:, keep]
   x = train_s.reshape(len(captions), -1, train_s.shape[-1])
   xs, ys = jnp.asarray(x.reshape(-1, x.shape[-1])), jnp.asarray(np.repeat(y, x.shape[1], 0))
-  params = {'w': jnp.zeros((xs.shape[1], ys.shape[1])), 'b': jnp.zeros((ys.shape[1],))}
-  tx = optax.adam(1e-2)
-  loss = lambda p: losses.word_presence_loss(xs @ p['w'] + p['b'], ys) / ys.shape[1]
-
-  @jax.jit
-  def step_fn(p, o):
-    l, g = jax.value_and_grad(loss)(p)
-    u, o = tx.update(g, o, p)
-    return optax.apply_updates(p, u), o, l
-  opt = tx.init(params)
-  for i in range(steps):
-    params, opt, l = step_fn(params, opt)
-    if i % 500 == 0 or i == steps - 1:
-      print(f'word head step {i}: BCE per word {float(l):.4f}', flush=True)
+  loss = lambda logits: losses.word_presence_loss(logits, ys) / ys.shape[1]
+  params = fit_linear(xs, ys.shape[1], loss, steps, log='word head')
   code = lambda s: np.asarray(jax.nn.sigmoid(jnp.asarray(s) @ params['w'] + params['b']))
   print(f'word code: {int(keep.sum())} words', flush=True)
   return code(train_s).astype(np.float32), code(held_s).astype(np.float32)
@@ -425,11 +434,11 @@ def word_code(workdir, step, train_s, held_s, captions, steps=1500):
 
 def print_readout(workdir, step, train_s, labels, spec, num_held_out=1000, steps=1000):
   """--cond_readout: held-out accuracy of a linear softmax classifier of each attribute, per source."""
-  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from mmgan_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  ce = optax.softmax_cross_entropy_with_integer_labels
   if train_s.ndim != 3:
     raise ValueError('--cond_readout needs --cond_mix (the text, audio and both conditions of each example).')
   held = [shapes.make_example(spec, 0, 'test', i) for i in range(num_held_out)]
@@ -438,27 +447,12 @@ def print_readout(workdir, step, train_s, labels, spec, num_held_out=1000, steps
   audio = np.stack([e['audio'] for e in held])
   held_s = [learned_conditions(workdir, captions, step), learned_conditions(workdir, None, step, audio=audio),
             learned_conditions(workdir, captions, step, audio=audio)]
-  tx = optax.adam(1e-2)
-
-  def fit(x, y, k):
-    x, y = jnp.asarray(x), jnp.asarray(y)
-    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(x @ p['w'] + p['b'], y).mean()
-
-    @jax.jit
-    def update(p, o):
-      u, o = tx.update(jax.grad(loss)(p), o, p)
-      return optax.apply_updates(p, u), o
-    p = {'w': jnp.zeros((x.shape[1], k)), 'b': jnp.zeros((k,))}
-    o = tx.init(p)
-    for _ in range(steps):
-      p, o = update(p, o)
-    return p
-
   names = ('shape', 'colour', 'size', 'position')
   for j, source in enumerate(('text', 'audio', 'both')):
     accs = []
     for a, k in enumerate(shapes.NUM_CLASSES):
-      p = fit(train_s[:, j], labels[:, a], k)
+      y = jnp.asarray(labels[:, a])
+      p = fit_linear(jnp.asarray(train_s[:, j]), k, lambda logits, y=y: ce(logits, y).mean(), steps)
       accs.append(np.mean(np.argmax(held_s[j] @ np.asarray(p['w']) + np.asarray(p['b']), -1) == held_labels[:, a]))
     print(f'linear read-out of s from {source:5s}: ' + '  '.join(f'{n} {100 * v:.1f}' for n, v in zip(names, accs)),
           flush=True)

@@ -140,8 +140,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # SDEdit refinement used when sampling and (in_training) on G's samples before D and the semantic loss see
   # them. in_training=False refines only at sampling and evaluation: the refiner still trains (loss.denoise),
-  # G's iterations skip its forward and backward.
-  c.refine = dict(t_start=200, num_steps=2, guidance=1.0, in_training=True)
+  # G's iterations skip its forward and backward. train_fraction: the share of each batch the refiner's denoising
+  # loss trains on (its cost scales with it).
+  c.refine = dict(t_start=200, num_steps=2, guidance=1.0, in_training=True, train_fraction=1.0)
 
   # Losses (0 switches a term off).
   c.loss = ml_collections.ConfigDict(dict(
@@ -149,6 +150,9 @@ def get_config() -> ml_collections.ConfigDict:
       adaptive=True,  # VQGAN-style lambda_adv = |grad sem| / |grad adv| at G's last layer
       adaptive_max=1e4,
       sem=1.0,  # XMC-GAN semantic consistency: InfoNCE(image-encoder(G out), condition)
+      # With rep_every=0: the semantic terms (and the adaptive weight) on every N-th G iteration only, their
+      # gradient weighted N (lazy, as StyleGAN2 does R1); the others keep the last adaptive weight.
+      sem_every=1,
       # Caption consistency (MirrorGAN's STREAM, redescription): cross-entropy of the example's caption by the
       # captioner reading G's sample alone; teaches G every word, shape and size included.
       sem_caption=0.0,

@@ -431,6 +431,7 @@ def _refine(p: _Checker) -> None:
           f'{t_start} distinct steps would run; allowed: an integer in [0, {t_start}].')
   p.real('refine.guidance', 0, why='classifier-free guidance scale, 1 = conditional only')
   p.flag('refine.in_training')
+  p.real('refine.train_fraction', 0, 1, lo_open=True, why="the share of each batch the refiner's loss trains on")
 
 
 def _mesh(p: _Checker, num_devices: int) -> dict[str, int] | None:
@@ -549,6 +550,11 @@ def _training(p: _Checker) -> None:
   p.real('loss.adaptive_max', 0, lo_open=True)
   p.real('loss.label_smoothing', 0, 1, hi_open=True)
   p.integer('loss.r1_interval', 0, why='lazy R1 every r1_interval D steps; 0 switches R1 off')
+  sem_every = p.integer('loss.sem_every', 1, why='the semantic terms on every N-th G-only iteration (weighted N)')
+  rep_every = p.get('rep_every', 1)
+  if sem_every is not None and sem_every > 1 and _is_int(rep_every) and rep_every != 0:
+    p.add('loss.sem_every', sem_every, 'a lazy semantic term is for G-only iterations: it needs rep_every=0 '
+          f'(the representation frozen once the GAN starts), not rep_every={rep_every}.')
 
   if p.get('model.discriminator.noise_aware', False):
     num_t = p.get('model.discriminator.num_timesteps', None)

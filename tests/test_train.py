@@ -204,6 +204,37 @@ def test_rep_every_trains_g_alone_between_representation_updates(smoke):
     np.testing.assert_array_equal(a, b)
 
 
+def test_lazy_semantic_term_skips_it_and_weights_it_when_it_runs(smoke):
+  """loss.sem_every=N: the G-only iterations without the semantic terms log none of them and keep the last
+  adaptive weight; the ones with it apply the semantic gradient N times (G's update is linear in it)."""
+  from mmgan_jax.models import pretrained as pretrained_lib
+  from mmgan_jax.train import state as state_lib
+  batch, one = trainer.next_batch(smoke), jnp.ones(())
+
+  def g_moment(config, which, lam=None):
+    tx_g, tx_d = state_lib.make_optimizers(config.optim, config.total_steps,
+                                           pretrained_lib.train_specs(config.model))
+    state = jax.tree.map(jnp.copy, smoke.state)
+    if lam is not None:
+      state = state.replace(adaptive={**state.adaptive, 'lambda_adv': lam})
+    with jax.set_mesh(smoke.mesh):
+      new, metrics = jax.jit(getattr(make_steps(smoke.model, config, tx_g, tx_d), which))(state, batch, one)
+    leaves = jax.tree_util.tree_flatten_with_path(host(new.opt_g.inner_states['gan']))[0]
+    mu = np.concatenate([np.ravel(x) for path, x in leaves if 'mu' in jax.tree_util.keystr(path)])
+    return mu, host(metrics)
+
+  every1, every3 = smoke_config(rep_every=0), smoke_config(rep_every=0, **{'loss.sem_every': 3})
+  mu1, m1 = g_moment(every1, 'gan_step')
+  lam = m1['g/lambda_adv']  # the lazy step reuses the state's weight: give it the one the others measure
+  mu0, m0 = g_moment(every3, 'gan_step_lazy', lam=jnp.asarray(lam))
+  mu3, m3 = g_moment(every3, 'gan_step')
+  assert 'g/sem_loss' in m1 and 'g/sem_loss' not in m0 and 'g/adv_loss' in m0
+  assert m0['g/lambda_adv'] == lam and m3['g/lambda_adv'] == lam
+  sem = mu1 - mu0  # Adam's first moment from zero: (1 - beta1) times the semantic gradient
+  assert np.max(np.abs(sem)) > 1e-3 * np.max(np.abs(mu1))
+  np.testing.assert_allclose(mu3 - mu0, 3 * sem, rtol=1e-3, atol=1e-4 * float(np.max(np.abs(mu3))))
+
+
 def test_same_seed_same_losses_different_seed_different():
   s0 = one_device_setup(smoke_config())
   a = run(s0, s0.state, 1)[1][0]

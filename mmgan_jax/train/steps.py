@@ -75,6 +75,10 @@ class Steps:
   # G's update alone on conditions computed without gradient (the representation side, its optimiser state
   # included, unchanged): the iterations that `config.rep_every` leaves to the GAN.
   gan_step: Callable[..., tuple[TrainState, Metrics]]
+  # gan_step without the semantic terms (the image encoder's forward and backward on G's samples), keeping the
+  # last adaptive weight: the G-only iterations between two of every `config.loss.sem_every`, whose semantic
+  # gradient carries sem_every times the weight (StyleGAN2's lazy regularisation, as for R1).
+  gan_step_lazy: Callable[..., tuple[TrainState, Metrics]]
   # The raw gradients (for tests and debugging): D's with R1, and every G-side component's; (state, batch) or
   # (state, micro_batch, micro_index) for one micro-batch of gradient accumulation.
   d_grads: Callable[..., Any]
@@ -127,6 +131,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   refiner_on = model.refiner is not None
   prediction = config.model.refiner.prediction
   t_start = int(config.refine.t_start)
+  ref_fraction = float(config.refine.get('train_fraction', 1.0))
   # Refiner steps on G's samples in training (D and the semantic loss see refined samples); none with
   # refine.in_training=False, where only sampling and evaluation refine.
   num_ref_steps = int(config.refine.num_steps) if refiner_on and config.refine.in_training else 0
@@ -150,6 +155,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   consistency_on = lc.source_consistency > 0 and len(gen_sources) >= 2
   pad_id = model.pad_id
   accum = int(getattr(config.optim, 'grad_accum', 1))
+  sem_every = max(1, int(lc.get('sem_every', 1)))
 
   def keys(state: TrainState, stream: int, n: int, micro=None):
     k = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), stream)
@@ -303,9 +309,11 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
         terms['caption/from_condition_loss'] = caption_loss({'tokens': token, 'mask': g['has_cond'][:, None]})
         total = total + lc.cond_caption * terms['caption/from_condition_loss']
     if refiner_on and lc.denoise > 0:
-      cond = enc['generate']
-      x0 = mmgan.to_latent(model, state.codec['params'], state.codec['scale'], batch['image'])
-      b = x0.shape[0]
+      # On the first refine.train_fraction of the batch: the refiner's forward and backward are ~half of a
+      # representation iteration in the demo (docs/training.md, part 12).
+      b = max(1, round(batch['image'].shape[0] * ref_fraction))
+      cond = jax.tree.map(lambda v: v[:b], enc['generate'])
+      x0 = mmgan.to_latent(model, state.codec['params'], state.codec['scale'], batch['image'][:b])
       t = jax.random.randint(ks[0], (b,), 1, num_ref_t + 1)
       eps = jax.random.normal(ks[1], x0.shape, jnp.float32)
       x_t = diffusion.q_sample(ab_ref, x0, t, eps)
@@ -335,9 +343,13 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     rep_params = {k: v for k, v in g_side(state.params).items() if k != 'generator'}
     return ks, None, {}, conditions(state, batch, present), jax.tree.map(jnp.zeros_like, rep_params)
 
-  def g_compute(state: TrainState, batch: Batch, micro=None, rep=rep_part):
+  def g_compute(state: TrainState, batch: Batch, micro=None, rep=rep_part, semantic=True, sem_weight=1):
     """Gradients for every G-side component, the adaptive weight, and the loss terms (`rep=gan_part`: G's
-    alone, the other components' gradients zero and their terms absent)."""
+    alone, the other components' gradients zero and their terms absent). `semantic=False` (the G-only
+    iterations that loss.sem_every skips) leaves out the semantic terms and keeps the last adaptive weight;
+    `sem_weight` multiplies the semantic gradient of the G-only iterations that compute it (not the adaptive
+    weight, which is measured on the term itself)."""
+    semantic = semantic and semantic_on
     ks, rep_loss, terms, cond, rep_grads = rep(state, batch, micro)
     b = batch['image'].shape[0]
 
@@ -369,7 +381,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
 
     def sem_fn(xr):
       zero = jnp.zeros((), jnp.float32)
-      if lc.sem <= 0 and not sem_caption_on:
+      if not semantic or (lc.sem <= 0 and not sem_caption_on):
         return zero, (zero, zero)
       images = mmgan.to_image(model, frozen_codec, state.codec['scale'], xr)
       s, cap = mmgan.image_semantics(model, frozen, images, caption=sem_caption_on)
@@ -403,9 +415,12 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     # only: a vjp w.r.t. that layer alone (its forward is the same computation as G's, which XLA shares) is
     # cheap, so the full backward through G runs once, on the weighted sum of the cotangents.
     (ct_x_adv,), (ct_x_sem,) = vjp_r(ct_adv), vjp_r(ct_sem)
+    ct_x_lazy = ct_x_sem * (sem_weight - 1)  # a lazy term's extra weight (StyleGAN2's lazy regularisation)
     ct_x_sem = ct_x_sem + ct_div
     ct_x_cond = vjp_r(vjp_d((zero, one))[0])[0] if cond_reg_on else 0.0  # weighted by loss.cond_reg, not lambda
-    if adaptive_on:
+    if adaptive_on and not semantic:  # no semantic gradient to anchor on: the last iteration's weight
+      lam = state.adaptive['lambda_adv']
+    elif adaptive_on:
       gen_params = state.params['generator']
 
       def g_last(last):
@@ -415,20 +430,22 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       lam = losses.adaptive_weight(vjp_last(ct_x_sem)[0], vjp_last(ct_x_adv)[0], max_weight=lc.adaptive_max)
     else:
       lam = jnp.ones((), jnp.float32)
-    (gen_grads,) = vjp_g(lc.adv * lam * ct_x_adv + ct_x_sem + ct_x_cond)
+    (gen_grads,) = vjp_g(lc.adv * lam * ct_x_adv + ct_x_sem + ct_x_cond + ct_x_lazy)
 
     grads = dict(rep_grads, generator=gen_grads)
     metrics = dict(terms)
-    if sem_caption_on:
-      metrics['g/sem_caption_loss'] = sem_cap
-    metrics.update({'g/adv_loss': adv, 'g/sem_loss': sem, 'g/sem_acc': sem_acc, 'g/div_loss': div,
-                    'g/div_distance': div_d, 'g/lambda_adv': lam, 'g/cond_reg': cond_reg,
-                    'g/total': lc.adv * lam * adv + sem + div + cond_reg})
+    if semantic:  # (iterations without the semantic terms log none, rather than zeros)
+      metrics.update({'g/sem_loss': sem, 'g/sem_acc': sem_acc})
+      if sem_caption_on:
+        metrics['g/sem_caption_loss'] = sem_cap
+    metrics.update({'g/adv_loss': adv, 'g/div_loss': div, 'g/div_distance': div_d, 'g/lambda_adv': lam,
+                    'g/cond_reg': cond_reg, 'g/total': lc.adv * lam * adv + sem + div + cond_reg})
     if rep_loss is not None:
       metrics['rep/total'] = rep_loss
     return grads, lam, metrics
 
-  gan_compute = functools.partial(g_compute, rep=gan_part)
+  gan_compute = functools.partial(g_compute, rep=gan_part, sem_weight=sem_every)
+  gan_lazy_compute = functools.partial(g_compute, rep=gan_part, semantic=False)
 
   def rep_compute(state: TrainState, batch: Batch, micro=None):
     """The representation side's gradients alone (G's are zero): the steps before `gan_start`."""
@@ -448,7 +465,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       # advance the bias-correction count, making G's first real updates ~10x too large (beta2 = 0.99).
       opt_g = opt_g._replace(inner_states={**opt_g.inner_states, 'gan': state.opt_g.inner_states['gan']})
     new_params = dict(state.params, **optax.apply_updates(params_g, updates))
-    if compute is gan_compute:
+    if compute in (gan_compute, gan_lazy_compute):
       # Only G trains: the representation side keeps its parameters (AdamW's momentum and weight decay would
       # move them on zero gradients) and its optimiser state (its moments and schedule count stand still).
       new_params = dict(state.params, generator=new_params['generator'])
@@ -497,4 +514,6 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
                d_step_r1=with_rules(lambda s, b: d_step_impl(s, b, True)), g_step=with_rules(g_step),
                rep_step=with_rules(lambda s, b: g_step(s, b, compute=rep_compute)),
                gan_step=with_rules(lambda s, b, d_finite=None: g_step(s, b, d_finite, compute=gan_compute)),
+               gan_step_lazy=with_rules(lambda s, b, d_finite=None: g_step(s, b, d_finite,
+                                                                           compute=gan_lazy_compute)),
                d_grads=with_rules(d_grads), g_grads=with_rules(g_grads))

@@ -252,7 +252,7 @@ class Setup:
   state: state_lib.TrainState
   state_shardings: Any
   batch_shardings: dict[str, NamedSharding]
-  steps: Any  # jitted d_step, d_step_r1, g_step, rep_step
+  steps: Any  # jitted d_step, d_step_r1, g_step, rep_step, gan_step, gan_step_lazy
   checkpointer: ckpt_lib.Checkpointer | None
   start_step: int
 
@@ -313,13 +313,12 @@ def setup(config, workdir: str | None, *, devices=None, restore_step: int | None
   fns = make_steps(model, config, tx_g, tx_d)
   jit = lambda f: jax.jit(f, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
                           donate_argnums=0)
-  # G also takes the D step's `guard/d_finite` scalar (replicated), to count a bad iteration once.
-  g_step = jax.jit(fns.g_step, in_shardings=(shardings, batch_sh, NamedSharding(mesh, P())),
-                   out_shardings=(shardings, None), donate_argnums=0)
-  gan_step = jax.jit(fns.gan_step, in_shardings=(shardings, batch_sh, NamedSharding(mesh, P())),
-                     out_shardings=(shardings, None), donate_argnums=0)
-  steps = dataclasses.replace(fns, d_step=jit(fns.d_step), d_step_r1=jit(fns.d_step_r1), g_step=g_step,
-                              rep_step=jit(fns.rep_step), gan_step=gan_step)
+  # The G steps also take the D step's `guard/d_finite` scalar (replicated), to count a bad iteration once.
+  jit_g = lambda f: jax.jit(f, in_shardings=(shardings, batch_sh, NamedSharding(mesh, P())),
+                            out_shardings=(shardings, None), donate_argnums=0)
+  steps = dataclasses.replace(fns, d_step=jit(fns.d_step), d_step_r1=jit(fns.d_step_r1), g_step=jit_g(fns.g_step),
+                              rep_step=jit(fns.rep_step), gan_step=jit_g(fns.gan_step),
+                              gan_step_lazy=jit_g(fns.gan_step_lazy))
   return Setup(config, model, mesh, data, state, shardings, batch_sh, steps, checkpointer, start_step)
 
 
@@ -352,7 +351,11 @@ def train_step(s: Setup, state, batch, step: int):
   state, d_metrics = (s.steps.d_step_r1 if use_r1 else s.steps.d_step)(state, batch)
   every = s.config.rep_every
   joint = every == 1 or (every > 1 and (step - s.config.gan_start) % every == 0)
-  state, g_metrics = (s.steps.g_step if joint else s.steps.gan_step)(state, batch, d_metrics['guard/d_finite'])
+  if joint:
+    g_step = s.steps.g_step
+  else:  # G alone; the semantic terms on every loss.sem_every-th such iteration
+    g_step = s.steps.gan_step if (step - s.config.gan_start) % lc.sem_every == 0 else s.steps.gan_step_lazy
+  state, g_metrics = g_step(state, batch, d_metrics['guard/d_finite'])
   return state, {**d_metrics, **g_metrics}
 
 

@@ -25,7 +25,9 @@ G step, two gradient paths:
   Both cotangents are pulled back through R and G with one vjp each, so the split costs no extra forward pass.
   With refine.in_training=False, K = 0: G trains on x itself and only sampling and evaluation refine.
   `gan_step` is the generator path alone (conditions without gradient, no representation losses or backward):
-  the iterations that config.rep_every leaves to the GAN.
+  the iterations that config.rep_every leaves to the GAN; `gan_step_lazy` also leaves out the semantic terms and
+  keeps the last adaptive weight (the iterations between two of every config.loss.sem_every, whose semantic
+  gradient is weighted sem_every).
   EMA of G and R is updated in the step.
 
 Non-finite losses or gradients: the update is skipped (the state is kept), `adaptive['nonfinite']` counts
@@ -439,7 +441,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
       if sem_caption_on:
         metrics['g/sem_caption_loss'] = sem_cap
     metrics.update({'g/adv_loss': adv, 'g/div_loss': div, 'g/div_distance': div_d, 'g/lambda_adv': lam,
-                    'g/cond_reg': cond_reg, 'g/total': lc.adv * lam * adv + sem + div + cond_reg})
+                    'g/cond_reg': cond_reg, 'g/total': lc.adv * lam * adv + sem_weight * sem + div + cond_reg})
     if rep_loss is not None:
       metrics['rep/total'] = rep_loss
     return grads, lam, metrics

@@ -50,8 +50,8 @@ def fast_split(c, steps: int = 4800):
   Refinement starts at t = 50 (part 11).
   """
   c.total_steps = steps
-  # The representation's warm-up: 1000 iterations (500 gave conditions G learns shape from 15 points slower,
-  # part 12), a quarter of shorter runs; every later iteration is G's and D's.
+  # The representation's warm-up: 1000 iterations (at 500 the core learned shape from its conditions 15 points
+  # slower, part 12), a quarter of shorter runs; every later iteration is G's and D's.
   c.gan_start, c.rep_every = min(1000, steps // 4), 0
   c.sample_every = c.checkpoint_every = c.eval_every = 1000
   c.model.generator.update(channels=(64, 32, 16, 8), cross_attention_max_res=0)

@@ -133,7 +133,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   refiner_on = model.refiner is not None
   prediction = config.model.refiner.prediction
   t_start = int(config.refine.t_start)
-  ref_fraction = float(config.refine.get('train_fraction', 1.0))
+  ref_fraction = float(config.refine.train_fraction)
   # Refiner steps on G's samples in training (D and the semantic loss see refined samples); none with
   # refine.in_training=False, where only sampling and evaluation refine.
   num_ref_steps = int(config.refine.num_steps) if refiner_on and config.refine.in_training else 0
@@ -157,7 +157,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   consistency_on = lc.source_consistency > 0 and len(gen_sources) >= 2
   pad_id = model.pad_id
   accum = int(getattr(config.optim, 'grad_accum', 1))
-  sem_every = max(1, int(lc.get('sem_every', 1)))
+  sem_every = int(lc.sem_every)
 
   def keys(state: TrainState, stream: int, n: int, micro=None):
     k = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), stream)
@@ -417,7 +417,8 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     # only: a vjp w.r.t. that layer alone (its forward is the same computation as G's, which XLA shares) is
     # cheap, so the full backward through G runs once, on the weighted sum of the cotangents.
     (ct_x_adv,), (ct_x_sem,) = vjp_r(ct_adv), vjp_r(ct_sem)
-    ct_x_lazy = ct_x_sem * (sem_weight - 1)  # a lazy term's extra weight (StyleGAN2's lazy regularisation)
+    # A lazy term's extra weight (StyleGAN2's lazy regularisation); none on the other steps.
+    ct_x_lazy = ct_x_sem * (sem_weight - 1) if sem_weight > 1 else 0.0
     ct_x_sem = ct_x_sem + ct_div
     ct_x_cond = vjp_r(vjp_d((zero, one))[0])[0] if cond_reg_on else 0.0  # weighted by loss.cond_reg, not lambda
     if adaptive_on and not semantic:  # no semantic gradient to anchor on: the last iteration's weight

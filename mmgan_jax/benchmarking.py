@@ -417,7 +417,7 @@ def _sampling_fns(model: mmgan.Model, config):
   def refined(k, params, z, cond, key):
     x = generate(params, z, cond)
     return mmgan.refine(model, params['refiner'], x, cond, key, t_start=int(r.t_start), num_steps=k,
-                        prediction=prediction, guidance=guidance)
+                        prediction=prediction, guidance=guidance, num_draws=int(r.num_draws))
 
   def ddim(num_steps, params, cond, key):
     fn = mmgan.refiner_fn(model, params['refiner'], cond, guidance=guidance)
@@ -630,7 +630,7 @@ def breakdown(bench: Bench, *, repeats: int = 3) -> dict[str, dict[str, float]]:
     x = jax.jit(gen)(p['generator'], z, cond)
     if model.refiner is not None and k_steps:
       ref = lambda rp, xx, c: mmgan.refine(model, rp, xx, c, key, t_start=int(r.t_start), num_steps=k_steps,
-                                           prediction=pred)
+                                           prediction=pred, num_draws=int(r.num_draws))
       rows[f'refiner {k_steps} steps fwd'] = _timed(ref, (p['refiner'], x, cond), repeats)
       rows[f'refiner {k_steps} steps fwd+bwd (x)'] = _timed(
           jax.grad(lambda xx, rp, c: jnp.sum(ref(rp, xx, c))), (x, p['refiner'], cond), repeats)

@@ -64,6 +64,7 @@ BAD = [
     ({'refine.t_start': 1001}, 1, 'config.refine.t_start', 'an integer in [0, 1000]'),
     ({'refine.guidance': -1.0}, 1, 'config.refine.guidance', '[0, inf)'),
     ({'refine.train_fraction': 0.0}, 1, 'config.refine.train_fraction', '(0, 1]'),
+    ({'refine.num_draws': 0}, 1, 'config.refine.num_draws', 'an integer >= 1'),
     ({'model.dtype': 'float16'}, 1, 'config.model.dtype', "one of ('float32', 'bfloat16')"),
     ({'model.remat': 'some'}, 1, 'config.model.remat', "one of ('none', 'blocks', 'full')"),
     ({'optim.grad_accum': 3}, 1, 'config.optim.grad_accum', 'does not divide config.data.global_batch=8'),

@@ -131,6 +131,24 @@ def test_refine_identity_cases():
   assert float(jnp.max(jnp.abs(D.refine(model_fn, x, _key(0), AB, t_start=50, num_steps=2) - x))) > 1e-2
 
 
+def test_refine_draws_average_independent_refinements():
+  x = _x0()
+  model_fn = lambda x_t, t: 0.3 * x_t  # an imperfect denoiser: each draw keeps some of its own noise
+  one = lambda k: D.refine(model_fn, x, k, AB, t_start=60, num_steps=2)
+  mean4 = D.refine(model_fn, x, _key(1), AB, t_start=60, num_steps=2, num_draws=4)
+  np.testing.assert_allclose(mean4, jnp.mean(jnp.stack([one(k) for k in jax.random.split(_key(1), 4)]), 0),
+                             rtol=1e-5, atol=1e-6)
+  # The draws' own noise averages out: the error to the noise-free refinement shrinks about as 1/sqrt(draws).
+  t = lambda v: jnp.full((x.shape[0],), v, jnp.int32)
+  clean = D.q_sample(AB, x, t(60), jnp.zeros_like(x))
+  for a, b in ((60, 30), (30, 0)):
+    clean = D.ddim_step(clean, t(a), t(b), model_fn(clean, t(a)), AB)
+  spread = lambda y: float(jnp.std(y - clean))
+  assert spread(mean4) < 0.7 * spread(one(_key(1)))
+  with pytest.raises(ValueError, match='num_draws'):
+    D.refine(model_fn, x, _key(0), AB, t_start=50, num_steps=2, num_draws=0)
+
+
 def test_sample_with_oracle_and_jit():
   x0 = _x0()
   fn = jax.jit(lambda key: D.sample(_oracle(x0, 'v'), x0.shape, key, AB, num_steps=10, prediction='v'))

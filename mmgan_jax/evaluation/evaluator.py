@@ -375,7 +375,7 @@ class Evaluator:
       x = mmgan.generate(model, params['generator'], z, mmgan.gan_condition(model, adaptive, cond),
                          noise_key=k_noise)
       xr = mmgan.refine(model, params.get('refiner'), x, cond, k_ref, t_start=int(r.t_start), num_steps=steps,
-                        prediction=prediction, guidance=float(r.guidance))
+                        prediction=prediction, guidance=float(r.guidance), num_draws=int(r.num_draws))
       to_img = lambda v: jnp.clip(mmgan.to_image(model, codec['params'], codec['scale'], v), -1.0, 1.0)
       return to_img(x), to_img(xr)
 

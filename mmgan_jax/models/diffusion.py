@@ -150,11 +150,15 @@ def ddim_timesteps(t_start: int, num_steps: int) -> list[int]:
 
 
 def refine(model_fn: ModelFn, x: Array, key: Array, alpha_bar: Array, *, t_start: int, num_steps: int,
-           prediction: str = 'eps') -> Array:
+           prediction: str = 'eps', num_draws: int = 1) -> Array:
   """SDEdit refinement: x_{t_r} = q_sample(x, t_start, eps), then `num_steps` DDIM steps from t_start to 0.
 
-  t_start and num_steps are static Python ints (the loop is unrolled; intended for 1..8 steps). num_steps == 0
-  or t_start == 0 returns x unchanged. Differentiable w.r.t. x and through model_fn.
+  num_draws > 1 returns the mean of that many refinements of x from independent noise (keys split from `key`;
+  one draw uses `key` itself): a Monte-Carlo estimate of the denoiser's posterior mean E[x_0 | x], in which the
+  part of each draw's error that follows its own noise averages out (docs/training.md, part 13).
+  t_start, num_steps and num_draws are static Python ints (the step loop is unrolled, intended for 1..8 steps;
+  the draws run in a scan). num_steps == 0 or t_start == 0 returns x unchanged. Differentiable w.r.t. x and
+  through model_fn.
   """
   _check_prediction(prediction)
   num_timesteps = int(jnp.shape(alpha_bar)[0]) - 1
@@ -162,17 +166,27 @@ def refine(model_fn: ModelFn, x: Array, key: Array, alpha_bar: Array, *, t_start
     raise ValueError(f't_start must be in [0, {num_timesteps}], got {t_start}.')
   if num_steps < 0:
     raise ValueError(f'num_steps must be >= 0, got {num_steps}.')
+  if num_draws < 1:
+    raise ValueError(f'num_draws must be >= 1, got {num_draws}.')
   if num_steps == 0 or t_start == 0:
     return x
   b = x.shape[0]
-  eps = jax.random.normal(key, x.shape, jnp.float32)
-  x_t = q_sample(alpha_bar, x.astype(jnp.float32), jnp.full((b,), t_start, jnp.int32), eps)
   ts = ddim_timesteps(t_start, num_steps)
-  for t, t_next in zip(ts[:-1], ts[1:]):
-    t_vec = jnp.full((b,), t, jnp.int32)
-    out = model_fn(x_t, t_vec)
-    x_t = ddim_step(x_t, t_vec, jnp.full((b,), t_next, jnp.int32), out, alpha_bar, prediction)
-  return x_t.astype(x.dtype)
+
+  def one_draw(k):
+    eps = jax.random.normal(k, x.shape, jnp.float32)
+    x_t = q_sample(alpha_bar, x.astype(jnp.float32), jnp.full((b,), t_start, jnp.int32), eps)
+    for t, t_next in zip(ts[:-1], ts[1:]):
+      t_vec = jnp.full((b,), t, jnp.int32)
+      out = model_fn(x_t, t_vec)
+      x_t = ddim_step(x_t, t_vec, jnp.full((b,), t_next, jnp.int32), out, alpha_bar, prediction)
+    return x_t.astype(jnp.float32)
+
+  if num_draws == 1:
+    return one_draw(key).astype(x.dtype)
+  total, _ = jax.lax.scan(lambda acc, k: (acc + one_draw(k), None), jnp.zeros(x.shape, jnp.float32),
+                          jax.random.split(key, num_draws))
+  return (total / num_draws).astype(x.dtype)
 
 
 def sample(model_fn: ModelFn, shape: tuple[int, ...], key: Array, alpha_bar: Array, *, num_steps: int = 50,

@@ -405,13 +405,15 @@ def refiner_fn(model: Model, ref_params: Params, cond: Mapping[str, Array], *, g
 
 
 def refine(model: Model, ref_params: Params | None, x: Array, cond: Mapping[str, Array], key: Array, *,
-           t_start: int, num_steps: int, prediction: str = 'eps', guidance: float = 1.0) -> Array:
-  """SDEdit refinement of generated latents x: noise to t_start, then `num_steps` DDIM steps. Identity if off."""
+           t_start: int, num_steps: int, prediction: str = 'eps', guidance: float = 1.0,
+           num_draws: int = 1) -> Array:
+  """SDEdit refinement of generated latents x: noise to t_start, then `num_steps` DDIM steps (the mean of
+  `num_draws` such refinements from independent noise). Identity if off."""
   if model.refiner is None or ref_params is None or num_steps == 0 or t_start == 0:
     return x
   fn = refiner_fn(model, ref_params, cond, guidance=guidance)
   return diffusion.refine(fn, x, key, jnp.asarray(model.alpha_bar_refiner), t_start=t_start,
-                          num_steps=num_steps, prediction=prediction)
+                          num_steps=num_steps, prediction=prediction, num_draws=num_draws)
 
 
 def discriminate(model: Model, disc_params: Params, y: Array, t: Array, cond: Array) -> Array:

@@ -137,6 +137,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   # Refiner steps on G's samples in training (D and the semantic loss see refined samples); none with
   # refine.in_training=False, where only sampling and evaluation refine.
   num_ref_steps = int(config.refine.num_steps) if refiner_on and config.refine.in_training else 0
+  num_draws = int(config.refine.num_draws)
   z_dim = model.generator.z_dim
   captions_on = model.text_decoder is not None and lc.caption > 0
   sem_caption_on = model.text_decoder is not None and lc.sem_caption > 0
@@ -200,7 +201,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     z = jax.random.normal(k_z, (b, z_dim), jnp.float32)
     x = mmgan.generate(model, state.params['generator'], z, gan_cond, noise_key=k_noise)
     return mmgan.refine(model, state.params.get('refiner'), x, cond, k_ref, t_start=t_start,
-                        num_steps=num_ref_steps, prediction=prediction)
+                        num_steps=num_ref_steps, prediction=prediction, num_draws=num_draws)
 
   # --------------------------------------------------------------------------------------------------------
   # Discriminator.
@@ -368,7 +369,7 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
                        state.params['generator'])
     x_ref, vjp_r = jax.vjp(
         lambda xx: mmgan.refine(model, frozen.get('refiner'), xx, cond2, ks[6], t_start=t_start,
-                                num_steps=num_ref_steps, prediction=prediction), x)
+                                num_steps=num_ref_steps, prediction=prediction, num_draws=num_draws), x)
     t = sample_t(ks[7], 2 * b, state.adaptive['t_max'])
     noise_key = ks[8]
 

@@ -141,8 +141,8 @@ def get_config() -> ml_collections.ConfigDict:
   # SDEdit refinement used when sampling and (in_training) on G's samples before D and the semantic loss see
   # them. in_training=False refines only at sampling and evaluation: the refiner still trains (loss.denoise),
   # G's iterations skip its forward and backward. train_fraction: the share of each batch the refiner's denoising
-  # loss trains on (its cost scales with it). num_draws: the refined sample is the mean of that many refinements
-  # from independent noise (the refiner's cost scales with it).
+  # loss trains on (its cost scales with it). num_draws: the refined sample is the mean of that many refinements,
+  # in antithetic pairs of noise (eps, -eps) (the refiner's cost scales with it).
   c.refine = dict(t_start=200, num_steps=2, guidance=1.0, in_training=True, train_fraction=1.0, num_draws=1)
 
   # Losses (0 switches a term off).

@@ -153,9 +153,10 @@ def refine(model_fn: ModelFn, x: Array, key: Array, alpha_bar: Array, *, t_start
            prediction: str = 'eps', num_draws: int = 1) -> Array:
   """SDEdit refinement: x_{t_r} = q_sample(x, t_start, eps), then `num_steps` DDIM steps from t_start to 0.
 
-  num_draws > 1 returns the mean of that many refinements of x from independent noise (keys split from `key`;
-  one draw uses `key` itself): a Monte-Carlo estimate of the denoiser's posterior mean E[x_0 | x], in which the
-  part of each draw's error that follows its own noise averages out (docs/training.md, part 13).
+  num_draws > 1 returns the mean of that many refinements of x, a Monte-Carlo estimate of the denoiser's posterior
+  mean E[x_0 | x] in which the part of each draw's error that follows its own noise averages out. The draws come
+  in antithetic pairs (eps, -eps), so that part cancels to first order within each pair; an odd count adds one
+  unpaired draw. Keys are split from `key`; one draw uses `key` itself (docs/training.md, part 13).
   t_start, num_steps and num_draws are static Python ints (the step loop is unrolled, intended for 1..8 steps;
   the draws run in a scan). num_steps == 0 or t_start == 0 returns x unchanged. Differentiable w.r.t. x and
   through model_fn.
@@ -173,8 +174,7 @@ def refine(model_fn: ModelFn, x: Array, key: Array, alpha_bar: Array, *, t_start
   b = x.shape[0]
   ts = ddim_timesteps(t_start, num_steps)
 
-  def one_draw(k):
-    eps = jax.random.normal(k, x.shape, jnp.float32)
+  def one_draw(eps):
     x_t = q_sample(alpha_bar, x.astype(jnp.float32), jnp.full((b,), t_start, jnp.int32), eps)
     for t, t_next in zip(ts[:-1], ts[1:]):
       t_vec = jnp.full((b,), t, jnp.int32)
@@ -182,10 +182,18 @@ def refine(model_fn: ModelFn, x: Array, key: Array, alpha_bar: Array, *, t_start
       x_t = ddim_step(x_t, t_vec, jnp.full((b,), t_next, jnp.int32), out, alpha_bar, prediction)
     return x_t.astype(jnp.float32)
 
+  noise = lambda k: jax.random.normal(k, x.shape, jnp.float32)
   if num_draws == 1:
-    return one_draw(key).astype(x.dtype)
-  total, _ = jax.lax.scan(lambda acc, k: (acc + one_draw(k), None), jnp.zeros(x.shape, jnp.float32),
-                          jax.random.split(key, num_draws))
+    return one_draw(noise(key)).astype(x.dtype)
+  keys = jax.random.split(key, num_draws // 2 + num_draws % 2)
+
+  def pair(acc, k):
+    eps = noise(k)
+    return acc + one_draw(eps) + one_draw(-eps), None
+
+  total, _ = jax.lax.scan(pair, jnp.zeros(x.shape, jnp.float32), keys[:num_draws // 2])
+  if num_draws % 2:
+    total = total + one_draw(noise(keys[-1]))
   return (total / num_draws).astype(x.dtype)
 
 

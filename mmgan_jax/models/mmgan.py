@@ -408,7 +408,7 @@ def refine(model: Model, ref_params: Params | None, x: Array, cond: Mapping[str,
            t_start: int, num_steps: int, prediction: str = 'eps', guidance: float = 1.0,
            num_draws: int = 1) -> Array:
   """SDEdit refinement of generated latents x: noise to t_start, then `num_steps` DDIM steps (the mean of
-  `num_draws` such refinements from independent noise). Identity if off."""
+  `num_draws` such refinements, in antithetic noise pairs). Identity if off."""
   if model.refiner is None or ref_params is None or num_steps == 0 or t_start == 0:
     return x
   fn = refiner_fn(model, ref_params, cond, guidance=guidance)

@@ -429,7 +429,7 @@ def _refine(p: _Checker) -> None:
   if t_start is not None and steps is not None and t_start > 0 and steps > t_start:
     p.add('refine.num_steps', steps, f'more DDIM steps than timesteps (config.refine.t_start={t_start}): only '
           f'{t_start} distinct steps would run; allowed: an integer in [0, {t_start}].')
-  p.integer('refine.num_draws', 1, why='refinements from independent noise averaged')
+  p.integer('refine.num_draws', 1, why='refinements averaged, in antithetic noise pairs')
   p.real('refine.guidance', 0, why='classifier-free guidance scale, 1 = conditional only')
   p.flag('refine.in_training')
   p.real('refine.train_fraction', 0, 1, lo_open=True, why="the share of each batch the refiner's loss trains on")

@@ -77,6 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
   # start, as DF-GAN/AttnGAN pretrain their text encoder (DAMSM) before the GAN: G and D then learn from
   # conditions that already tell the attributes apart, not from the random features of fresh encoders.
   c.gan_start = 0
+  # Before gan_start, D's features and its condition head (model.discriminator.cond_head) also train on the real
+  # images, the head's loss alone, so that D can name what it sees when G starts (a pretrained AC-GAN classifier).
+  c.d_head_warmup = False
   # From gan_start on, the representation side updates on every rep_every-th iteration; the others run the GAN's
   # G step alone on conditions computed without gradient (no representation losses or backward: a different
   # split of compute between the parts). 1: every iteration (joint training); 0: never (the representation is

@@ -110,6 +110,12 @@ _PAIRS = flags.DEFINE_bool('pairs', False, "The full model's G step: half the ba
                            'with the MSGAN term (--div).')
 _DIV = flags.DEFINE_float('div', 0.01, "With --pairs: the MSGAN term's weight (configs/shapes.py's loss.div).")
 
+_PRETRAIN_D = flags.DEFINE_integer('pretrain_d', 0, "Before the GAN: this many supervised steps of D's features and "
+                                   "the attribute head (--aux_cls's) on real images, as the full model could in its "
+                                   "representation warm-up; D's Adam state is reset after.")
+_AUX_WORDS = flags.DEFINE_enum('aux_words', '', ['', 'random', 'union'], "--aux_cls's head names caption words "
+                                "(sigmoid BCE over the vocabulary, as the full model's word head) instead of the "
+                                "attributes: the words of one random caption of the example, or of all its captions.")
 R1_INTERVAL = 16
 
 
@@ -142,6 +148,15 @@ def main(argv):
   labels = np.stack([e['attributes'] for e in train])
   held_out = np.stack([shapes.make_example(spec, 0, 'test', i)['attributes'] for i in range(256)])
   cond_dim = n_attr = sum(shapes.NUM_CLASSES)
+  if _AUX_WORDS.value:  # one multi-hot bag of words per caption: (N, captions, V)
+    vocab = sorted({w for e in train for cap in e['captions'] for w in cap.split()})
+    word_id = {w: i for i, w in enumerate(vocab)}
+    bags = np.zeros((len(train), len(train[0]['captions']), len(vocab)), np.float32)
+    for n, e in enumerate(train):
+      for j, cap in enumerate(e['captions']):
+        bags[n, j, [word_id[w] for w in cap.split()]] = 1.0
+    n_attr = len(vocab)
+    print(f'--aux_words={_AUX_WORDS.value}: {len(vocab)} words', flush=True)
 
   def one_hot(attrs):
     return jnp.concatenate([jax.nn.one_hot(attrs[:, i], k) for i, k in enumerate(shapes.NUM_CLASSES)], -1)
@@ -221,6 +236,8 @@ def main(argv):
     return disc.apply({'params': dp['disc']}, y, t, s)
 
   def aux_ce(dp, feats, attrs):
+    if _AUX_WORDS.value:  # attrs is the (B, V) bag of words here
+      return losses.word_presence_loss(feats @ dp['head']['w'] + dp['head']['b'], attrs)
     return sum(optax.softmax_cross_entropy_with_integer_labels(logits, attrs[:, i]).mean()
                for i, logits in enumerate(head_logits(dp, feats)))
   if _CLASSIFY.value and _NET.value != 'd':  # the image encoder's features instead of D's
@@ -241,6 +258,23 @@ def main(argv):
   opt_g, opt_d, ema = tx.init(gp), tx_d.init(dp), gp
   if _CLASSIFY.value:
     return classify(dp, opt_d, tx_d, disc_apply, aux_ce, images, labels, spec, b)
+  if _PRETRAIN_D.value:
+    t_zero = jnp.zeros((b,), jnp.int32) if _INSTANCE_NOISE.value else None
+
+    @jax.jit
+    def pre_step(dp, opt_d, x, c, attrs):
+      loss, grads = jax.value_and_grad(lambda p: aux_ce(p, disc_apply(p, x, c, t_zero)[1]['features'], attrs))(dp)
+      updates, opt_d = tx_d.update(grads, opt_d, dp)
+      return optax.apply_updates(dp, updates), opt_d, loss
+    rng_pre = np.random.default_rng(_SEED.value + 100)
+    t_pre = time.time()
+    for i in range(_PRETRAIN_D.value):
+      idx = rng_pre.integers(0, len(images), b)
+      dp, opt_d, pre_loss = pre_step(dp, opt_d, jnp.asarray(images[idx]), jnp.zeros((b, cond_dim)),
+                                     jnp.asarray(labels[idx]))
+    print(f'pretrained D for {_PRETRAIN_D.value} steps in {time.time() - t_pre:.0f} s, head loss '
+          f'{float(pre_loss):.3f}', flush=True)
+    opt_d = tx_d.init(dp)
 
   def generate(params, z, c, k):
     return gen.apply({'params': params}, z, c, tokens_of(c), noise=_NOISE.value, rngs={'noise': k})[0]
@@ -323,6 +357,9 @@ def main(argv):
       wrong = np.roll(attrs, 1, axis=0)
     k = jax.random.fold_in(key, step)
     x, c, a = jnp.asarray(images[idx]), one_hot(attrs), jnp.asarray(attrs)
+    if _AUX_WORDS.value:
+      a = jnp.asarray(bags[idx].max(1) if _AUX_WORDS.value == 'union'
+                      else bags[idx, rng.integers(0, bags.shape[1], b)])
     c_wrong = one_hot(wrong)
     if _COND_FROM.value:
       src = rng.choice(3, size=b, p=(0.25, 0.25, 0.5)) if _MIX.value else None

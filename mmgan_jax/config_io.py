@@ -26,7 +26,8 @@ ADDED_FIELDS = {'gan_start': 0, 'rep_every': 1, 'model.image_encoder.stem': 'pat
                 'optim.condition_frozen_after': 0, 'refine.in_training': True,
                 'model.whiten_condition': False, 'model.whiten_eps': 1e-3, 'debug.nan_at_steps': (),
                 'model.discriminator.cond_head': False, 'loss.cond_reg': 1.0,
-                'model.discriminator.cond_head_target': 'condition'}
+                'model.discriminator.cond_head_target': 'condition', 'loss.sem_every': 1,
+                'refine.train_fraction': 1.0, 'refine.num_draws': 1, 'd_head_warmup': False}
 
 
 def path(workdir: str) -> str:

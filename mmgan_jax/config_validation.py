@@ -526,6 +526,10 @@ def _training(p: _Checker) -> None:
   total = p.integer('total_steps', 1)
   p.integer('gan_start', 0, None if total is None else total - 1,
             why='iterations of representation training before G and D start; 0 starts them at once')
+  if p.flag('d_head_warmup') and not (p.get('model.discriminator.cond_head', False) and p.get('loss.cond_reg', 0) > 0
+                                      and p.get('gan_start', 0) > 0):
+    p.add('d_head_warmup', True, "trains D's condition head before gan_start: needs model.discriminator.cond_head=True, "
+          'loss.cond_reg > 0 and gan_start > 0.')
   p.integer('rep_every', 0, why='the representation side updates every N-th iteration once the GAN runs; 1 every '
             'iteration, 0 never (frozen from gan_start on)')
   p.integer('optim.condition_frozen_after', 0, total,

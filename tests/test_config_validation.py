@@ -111,6 +111,7 @@ BAD = [
      "('condition', 'words')"),
     ({'model.discriminator.cond_head': True, 'loss.cond_reg': 0.0}, 1, 'config.model.discriminator.cond_head',
      'loss.cond_reg > 0'),
+    ({'d_head_warmup': True, 'gan_start': 2}, 1, 'config.d_head_warmup', 'needs model.discriminator.cond_head=True'),
     ({'model.whiten_eps': 0.0}, 1, 'config.model.whiten_eps', '(0.0, 1.0]'),
     ({'log_every': 0}, 1, 'config.log_every', 'an integer >= 1'),
     ({'checkpoint_every': -3}, 1, 'config.checkpoint_every', 'an integer >= 1'),

@@ -356,7 +356,7 @@ def test_component_switches_change_the_model(overrides, check):
 def test_loss_switches_change_the_step():
   """Adaptive weighting off -> lambda 1; plain D -> no instance noise (T_max stays 0); sem/align off -> no terms;
   D's condition head naming the caption's words (the demo's) -> one logit per vocabulary word, D fits it and G's
-  gradient carries the term (loss.cond_reg)."""
+  gradient carries the term (loss.cond_reg); its warm-up step (config.d_head_warmup) trains D alone."""
   switches = {'loss.adaptive': False, 'model.discriminator.noise_aware': False, 'loss.sem': 0.0, 'loss.align': 0.0,
               'diffusion_gan.t_max_init': 10.0, 'refine.num_steps': 0, 'model.discriminator.cond_head': True,
               'model.discriminator.cond_head_target': 'words'}
@@ -373,6 +373,16 @@ def test_loss_switches_change_the_step():
   assert head(state)['kernel'].shape[-1] == s.data.text_codec.vocab_size
   assert not np.allclose(head(state)['kernel'], head(s.state)['kernel'])  # only the regression trains it
   batch = trainer.next_batch(s)
+  # config.d_head_warmup's step (before gan_start): D's features and head fit real images' words, nothing else moves.
+  with jax.set_mesh(s.mesh):
+    warm, m1 = s.steps.d_head_step(jax.tree.map(jnp.copy, state), batch)
+    _, m2 = s.steps.d_head_step(jax.tree.map(jnp.copy, warm), batch)
+  assert 0 < float(m2['d/head_warmup']) < float(m1['d/head_warmup'])
+  before, after = host(state.params), host(warm.params)
+  for name in before:
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])))
+    assert same == (name != 'discriminator'), name
+  assert int(warm.step) == int(state.step)
   g_grads = lambda c: host(jax.jit(make_steps(s.model, c, None, None).g_grads)(state, batch)['generator'])
   with_term, without = g_grads(config), g_grads(smoke_config(**switches, **{'loss.cond_reg': 0.0}))
   assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(with_term), jax.tree.leaves(without)))

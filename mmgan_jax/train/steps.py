@@ -81,6 +81,8 @@ class Steps:
   # last adaptive weight: the G-only iterations between two of every `config.loss.sem_every`, whose semantic
   # gradient carries sem_every times the weight (StyleGAN2's lazy regularisation, as for R1).
   gan_step_lazy: Callable[..., tuple[TrainState, Metrics]]
+  # D's features and condition head on clean real images alone (config.d_head_warmup, before gan_start).
+  d_head_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
   # The raw gradients (for tests and debugging): D's with R1, and every G-side component's; (state, batch) or
   # (state, micro_batch, micro_index) for one micro-batch of gradient accumulation.
   d_grads: Callable[..., Any]
@@ -263,6 +265,31 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
     metrics.update({'d/loss': loss, 'd/grad_norm': grad_norm, 'diffusion_gan/t_max': new.adaptive['t_max'],
                     'guard/d_finite': ok.astype(jnp.float32)})
     return new, metrics
+
+  def d_head_step_impl(state: TrainState, batch: Batch):
+    """D's features and condition head alone, on clean real images (the head's loss, no adversarial term): the
+    iterations before `gan_start` with `config.d_head_warmup`, so that D can already name what it sees when G
+    starts (AC-GAN's classifier, pretrained; in the core this took shape from 54 to 68 % at 3000 iterations,
+    docs/training.md part 14). G, the representation side and the step count are untouched."""
+    b = batch['image'].shape[0]
+    x_real = mmgan.to_latent(model, state.codec['params'], state.codec['scale'], batch['image'])
+    t0 = jnp.zeros((b,), jnp.int32)
+    if words_on:  # the head reads the image alone; the projection's input does not matter here
+      c = jnp.zeros((b, model.discriminator.cond_dim), jnp.float32)
+    else:
+      present = sample_presence(model, keys(state, _D_STREAM, 1)[0], b, config.modality_dropout)
+      c = mmgan.gan_condition(model, state.adaptive, conditions(state, batch, present))['cond']
+
+    def loss_fn(dp):
+      _, pred = mmgan.discriminate_with_condition(model, dp, x_real, t0, c)
+      return lc.cond_reg * head_loss(pred, c, batch['text_ids'], batch['text_mask'])
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params['discriminator'])
+    updates, opt_d = tx_d.update(grads, state.opt_d, state.params['discriminator'])
+    params = dict(state.params, discriminator=optax.apply_updates(state.params['discriminator'], updates))
+    ok = losses.all_finite((loss, optax.global_norm(grads)))
+    new = _guard(ok, state.replace(params=params, opt_d=opt_d), state)
+    return new, {'d/head_warmup': loss, 'guard/d_finite': ok.astype(jnp.float32)}
 
   # --------------------------------------------------------------------------------------------------------
   # Generator side.
@@ -520,4 +547,4 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
                gan_step=with_rules(lambda s, b, d_finite=None: g_step(s, b, d_finite, compute=gan_compute)),
                gan_step_lazy=with_rules(lambda s, b, d_finite=None: g_step(s, b, d_finite,
                                                                            compute=gan_lazy_compute)),
-               d_grads=with_rules(d_grads), g_grads=with_rules(g_grads))
+               d_head_step=with_rules(d_head_step_impl), d_grads=with_rules(d_grads), g_grads=with_rules(g_grads))

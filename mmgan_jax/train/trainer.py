@@ -252,7 +252,7 @@ class Setup:
   state: state_lib.TrainState
   state_shardings: Any
   batch_shardings: dict[str, NamedSharding]
-  steps: Any  # jitted d_step, d_step_r1, g_step, rep_step, gan_step, gan_step_lazy
+  steps: Any  # jitted d_step, d_step_r1, g_step, rep_step, d_head_step, gan_step, gan_step_lazy
   checkpointer: ckpt_lib.Checkpointer | None
   start_step: int
 
@@ -317,7 +317,7 @@ def setup(config, workdir: str | None, *, devices=None, restore_step: int | None
   jit_g = lambda f: jax.jit(f, in_shardings=(shardings, batch_sh, NamedSharding(mesh, P())),
                             out_shardings=(shardings, None), donate_argnums=0)
   steps = dataclasses.replace(fns, d_step=jit(fns.d_step), d_step_r1=jit(fns.d_step_r1), g_step=jit_g(fns.g_step),
-                              rep_step=jit(fns.rep_step), gan_step=jit_g(fns.gan_step),
+                              rep_step=jit(fns.rep_step), d_head_step=jit(fns.d_head_step), gan_step=jit_g(fns.gan_step),
                               gan_step_lazy=jit_g(fns.gan_step_lazy))
   return Setup(config, model, mesh, data, state, shardings, batch_sh, steps, checkpointer, start_step)
 
@@ -342,10 +342,14 @@ def _check_finite(streak: jax.Array | None, step: int, limit: int) -> None:
 
 def train_step(s: Setup, state, batch, step: int):
   """One iteration: D step (with lazy R1 every r1_interval) then G step; before `gan_start` the
-  representation step alone; after it, the G step trains the representation side on every `rep_every`-th
+  representation step alone (and, with `d_head_warmup`, D's condition head on real images); after it, the G step trains the representation side on every `rep_every`-th
   iteration only (G alone on the others)."""
   if step < s.config.gan_start:
-    return s.steps.rep_step(state, batch)
+    state, metrics = s.steps.rep_step(state, batch)
+    if s.config.get('d_head_warmup', False):  # D's features and condition head learn to name real images meanwhile
+      state, d_metrics = s.steps.d_head_step(state, batch)
+      metrics = {**metrics, 'd/head_warmup': d_metrics['d/head_warmup']}
+    return state, metrics
   lc = s.config.loss
   use_r1 = lc.r1_gamma > 0 and lc.r1_interval > 0 and step % lc.r1_interval == 0
   state, d_metrics = (s.steps.d_step_r1 if use_r1 else s.steps.d_step)(state, batch)

@@ -67,13 +67,12 @@ def fast_split(c, steps: int = 4800):
   c.refine.update(in_training=False, t_start=50, train_fraction=0.5, num_draws=4)
   # The captioner reading s alone at weight 10 (1 before): shape is then read off s as plainly as colour (a linear
   # read-out of the text conditions: 100 % against 89 %), and G draws it (part 11).
-  c.loss.update(cond_caption=10.0, source_consistency=10.0, cond_reg=1.0)
   # G's loss as in the GAN core that learns shape (part 14): D's adversarial term at weight 1, D's word head
   # (cond_reg 1) and the semantic InfoNCE at 0.1, all fixed. The adaptive weight set D's gradient at G's last
   # layer to 10x the semantic one, tying D's signal (and so shape) to an image encoder that does not see shape:
   # seed 0 drew 58 % of shapes right with it, 77 % with these (text->image mean 92 %). D's head warms up on
   # real images during the representation's iterations (d_head_warmup).
-  c.loss.update(adv=1.0, adaptive=False, sem=0.1)
+  c.loss.update(adv=1.0, adaptive=False, sem=0.1, cond_caption=10.0, source_consistency=10.0, cond_reg=1.0)
   c.d_head_warmup = True
   # The semantic terms on every 4th G iteration, weighted 4 (lazy, as StyleGAN2's R1): a G iteration costs 61 ms
   # on average against 91, so the 15 minutes hold 3800 G iterations instead of 3000, and shape is learned in the

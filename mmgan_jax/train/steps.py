@@ -269,8 +269,8 @@ def make_steps(model: mmgan.Model, config, tx_g: optax.GradientTransformation,
   def d_head_step_impl(state: TrainState, batch: Batch):
     """D's features and condition head alone, on clean real images (the head's loss, no adversarial term): the
     iterations before `gan_start` with `config.d_head_warmup`, so that D can already name what it sees when G
-    starts (AC-GAN's classifier, pretrained; in the core this took shape from 54 to 68 % at 3000 iterations,
-    docs/training.md part 14). G, the representation side and the step count are untouched."""
+    starts (AC-GAN's classifier, pretrained; in the core, pretraining took a head-less D's shape from 54 to 68 % at
+    3000 iterations, docs/training.md part 14). G, the representation side and the step count are untouched."""
     b = batch['image'].shape[0]
     x_real = mmgan.to_latent(model, state.codec['params'], state.codec['scale'], batch['image'])
     t0 = jnp.zeros((b,), jnp.int32)
